@@ -1,0 +1,28 @@
+# LDR + ALDK: distil a recursive cascaded teacher into a light student for CPU registration.
+# Run everything on the embedded default:  snakemake --cores 8 all
+import os
+
+from snakemake.utils import min_version, validate
+
+min_version("8.0")
+
+
+configfile: os.path.join(workflow.basedir, "config.yaml")
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/teacher.smk"
+include: "workflow/rules/student.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        rules.tables.output,
+        rules.figures.output,
+    default_target: True

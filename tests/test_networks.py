@@ -1,0 +1,162 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import blob_volume
+from ldreg.losses import (affine_losses, correlation_loss, critic_loss, distillation_loss, local_ncc_loss,
+                          smoothness_loss)
+from ldreg.metrics import mean_dice
+from ldreg.networks import CascadeSpec, Critic, affine_field, build_network, complexity, count_parameters
+from ldreg.training import TrainConfig, train
+from ldreg.warp import warp_image, warp_labels
+
+
+def test_student_is_about_0_3_m_parameters_a_cascade_at_default_width():
+    model = build_network(CascadeSpec(kind="student", cascades=3, affine=False))
+    per_cascade = [count_parameters(s) for s in model.stages]
+    assert all(0.15e6 < p < 0.45e6 for p in per_cascade)
+    info = complexity(model, (32, 32, 32))
+    assert info["flops"] > 0 and info["parameters"] == sum(per_cascade)
+
+
+def test_networks_start_at_identity():
+    model = build_network(CascadeSpec(kind="teacher", cascades=2, width=4, depth=3))
+    x = torch.rand(1, 1, 16, 16, 16)
+    out = model(x, torch.rand_like(x))
+    assert out["flow"].abs().max() < 1e-2
+    matrix, translation = out["affine"]
+    assert torch.allclose(matrix, torch.eye(3)[None]) and translation.abs().max() == 0
+
+
+def test_affine_field_of_translation_and_scaling():
+    m = torch.diag(torch.tensor([2.0, 1.0, 1.0]))[None]
+    f = affine_field(m, torch.tensor([[0.0, 1.0, 0.0]]), (5, 5, 5))
+    # about the centre (2, 2, 2): x -> 2 (x - 2) + 2, y -> y + 1
+    assert f[0, 0, 4, 0, 0] == pytest.approx(2.0) and f[0, 1].unique().tolist() == [1.0]
+
+
+def test_rcn_returns_all_stage_fields_and_composed_field_warps_like_the_chain():
+    torch.manual_seed(1)
+    model = build_network(CascadeSpec(kind="teacher", cascades=3, width=4, depth=3))
+    for stage in model.stages:  # non-trivial, smooth stage outputs
+        torch.nn.init.normal_(stage.flow.weight, std=0.05)
+    with torch.no_grad():
+        model.affine.head.bias.copy_(torch.tensor([0.02, 0, 0, 0.5, 0, 0.98 - 1, 0, -0.3, 0, 0, 1.02 - 1, 0.2]))
+    x = torch.nn.functional.interpolate(torch.rand(1, 1, 6, 6, 6), size=(24, 24, 24), mode="trilinear")
+    y = torch.rand_like(x)
+    with torch.no_grad():
+        out = model(x, y)
+    assert len(out["fields"]) == 3 + 1
+    chained = x
+    for field in out["fields"]:
+        chained = warp_image(chained, field)
+    inner = (slice(None), slice(None), slice(5, -5), slice(5, -5), slice(5, -5))
+    assert (chained - out["warped"])[inner].abs().max() < 0.05
+    assert out["flow"].abs().max() > 0.3  # the test is not passing on a zero field
+
+
+def test_bad_inputs_get_value_errors():
+    model = build_network(CascadeSpec(kind="student", width=4, depth=3))
+    with pytest.raises(ValueError, match="divisible by 8"):
+        model(torch.rand(1, 1, 12, 16, 16), torch.rand(1, 1, 12, 16, 16))
+    with pytest.raises(ValueError, match="5 dimensions"):
+        model(torch.rand(16, 16, 16), torch.rand(16, 16, 16))
+    with pytest.raises(ValueError, match="floating"):
+        model(torch.zeros(1, 1, 16, 16, 16, dtype=torch.int64), torch.zeros(1, 1, 16, 16, 16, dtype=torch.int64))
+    with pytest.raises(ValueError, match="unknown network kind"):
+        build_network(CascadeSpec(kind="giant"))
+
+
+def test_losses_on_known_inputs():
+    a = torch.rand(2, 1, 8, 8, 8)
+    assert correlation_loss(a, a).item() == pytest.approx(0.0, abs=1e-5)
+    assert correlation_loss(a, -a).item() == pytest.approx(2.0, abs=1e-5)
+    assert local_ncc_loss(a, a * 3).item() == pytest.approx(0.0, abs=1e-3)
+    assert local_ncc_loss(a, torch.rand_like(a)).item() > 0.5
+    assert smoothness_loss(torch.ones(1, 3, 8, 8, 8)).item() == 0.0
+    det, ortho = affine_losses(torch.eye(3)[None])
+    assert det.item() == pytest.approx(0) and ortho.item() == pytest.approx(0, abs=1e-5)
+    assert distillation_loss(torch.ones(1, 3, 4, 4, 4), torch.zeros(1, 3, 4, 4, 4), "epe").item() == pytest.approx(3 ** 0.5, rel=1e-4)
+
+
+def _shifted_pairs(n=4, shape=(32, 32, 32)):
+    images, labels, rows = {}, {}, []
+    for i in range(n):
+        img, lab = blob_volume(shape, centre=[16 + (2 if i % 2 else -2), 16, 16 + (1 if i > 1 else -1)], radius=7)
+        images[f"s{i}"], labels[f"s{i}"] = torch.from_numpy(img)[None, None], torch.from_numpy(lab)[None, None]
+    for m in images:
+        for f in images:
+            if m != f:
+                rows.append({"pair_id": f"{m}__{f}", "moving": m, "fixed": f})
+    return images, labels, pd.DataFrame(rows)
+
+
+def test_thirty_student_steps_lower_the_loss_and_raise_dice(tmp_path):
+    moving, moving_labels = blob_volume((32, 32, 32), centre=[16, 16, 16], radius=7)
+    fixed, fixed_labels = blob_volume((32, 32, 32), centre=[18.5, 15, 16], radius=7)  # a shifted pair
+    images = {"m": torch.from_numpy(moving)[None, None], "f": torch.from_numpy(fixed)[None, None]}
+    pairs = pd.DataFrame([{"pair_id": "m__f", "moving": "m", "fixed": "f"}])
+    model = build_network(CascadeSpec(kind="student", width=8, depth=3, affine=False))
+    cfg = TrainConfig(steps=30, lr=3e-3, smoothness_weight=0.01, checkpoint_every=1000)
+    model, losses, _ = train(model, pairs, images, cfg, tmp_path / "ckpt", progress=False)
+    assert losses.loss.iloc[-3:].mean() < 0.2 * losses.loss.iloc[0]
+    with torch.no_grad():
+        flow = model(images["m"], images["f"])["flow"]
+    before = mean_dice(moving_labels, fixed_labels)
+    after = mean_dice(warp_labels(torch.from_numpy(moving_labels)[None, None], flow)[0, 0].numpy(), fixed_labels)
+    assert after > before + 0.1
+
+
+class _Cache:
+    def __init__(self, flows):
+        self.flows = flows
+
+    def get(self, pair_id, grid):
+        return self.flows[pair_id]
+
+
+def test_aldk_trains_both_student_and_critic_and_critic_ranks_teacher_higher(tmp_path):
+    images, _, pairs = _shifted_pairs(shape=(16, 16, 16))
+    # "teacher" fields: smooth and non-zero; the initial student predicts about zero
+    teacher = {pid: torch.nn.functional.interpolate(torch.randn(1, 3, 2, 2, 2) * 2, size=(16, 16, 16), mode="trilinear")
+               for pid in pairs.pair_id}
+    model = build_network(CascadeSpec(kind="student", width=4, depth=3, affine=False))
+    before = [p.detach().clone() for p in model.parameters()]
+    cfg = TrainConfig(steps=6, lr=1e-3, adversarial=True, critic_lr=5e-3, critic_width=4, critic_steps=2, checkpoint_every=1000)
+    model, losses, critic = train(model, pairs, images, cfg, tmp_path / "ckpt", flow_cache=_Cache(teacher), progress=False)
+    assert isinstance(critic, Critic)
+    moved = [not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters())]
+    assert all(moved), "every student tensor (flow head included) must receive gradient"
+    fresh = Critic(width=4)
+    assert any(not torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), critic.state_dict().values()))
+    assert "adversarial" in losses and "critic" in losses
+    with torch.no_grad():
+        t = torch.cat(list(teacher.values()))
+        s = torch.cat([model(images[r.moving], images[r.fixed])["flow"] for r in pairs.itertuples()])
+        assert critic(t).mean() > critic(s).mean()
+
+
+def test_adversarial_term_has_gradient_into_the_student():
+    critic = Critic(width=4)
+    field = torch.zeros(1, 3, 16, 16, 16, requires_grad=True)
+    (-critic(field).mean()).backward()
+    assert field.grad is not None and field.grad.abs().sum() > 0
+    loss, w = critic_loss(critic, torch.randn(1, 3, 16, 16, 16), field, beta=0.1, gp_weight=0.1)
+    loss.backward()
+    assert all(p.grad is not None for p in critic.parameters())
+
+
+def test_training_resumes_from_checkpoint(tmp_path):
+    images, _, pairs = _shifted_pairs(shape=(16, 16, 16))
+    spec = CascadeSpec(kind="student", width=4, depth=3, affine=False)
+    cfg = TrainConfig(steps=6, lr=1e-3, checkpoint_every=3)
+    torch.manual_seed(0)
+    full, full_losses, _ = train(build_network(spec), pairs, images, cfg, tmp_path / "a.ckpt", progress=False)
+    torch.manual_seed(0)
+    # an interrupted run: 3 steps (writing the checkpoint at step 3), then a fresh process resumes
+    train(build_network(spec), pairs, images, TrainConfig(steps=4, lr=1e-3, checkpoint_every=3), tmp_path / "b.ckpt", progress=False)
+    torch.manual_seed(0)
+    resumed, resumed_losses, _ = train(build_network(spec), pairs, images, cfg, tmp_path / "b.ckpt", progress=False)
+    assert len(resumed_losses) == 6
+    np.testing.assert_allclose(resumed_losses.loss.values, full_losses.loss.values, rtol=1e-4)

@@ -1,0 +1,69 @@
+import numpy as np
+import pytest
+import torch
+
+from ldreg.warp import compose, integrate_velocity, warp_image, warp_labels
+
+
+def _shift(shape, d):
+    field = torch.zeros(1, 3, *shape)
+    for i, v in enumerate(d):
+        field[0, i] = v
+    return field
+
+
+def test_integer_shift_matches_roll_inside():
+    image = torch.rand(1, 1, 16, 18, 20)
+    warped = warp_image(image, _shift(image.shape[2:], (2, -1, 3)))
+    # sampling at x + d equals rolling by -d, away from the borders
+    rolled = np.roll(image[0, 0].numpy(), shift=(-2, 1, -3), axis=(0, 1, 2))
+    np.testing.assert_allclose(warped[0, 0, 3:-3, 3:-3, 4:-4].numpy(), rolled[3:-3, 3:-3, 4:-4], atol=1e-5)
+
+
+def test_identity_returns_input_exactly_including_borders():
+    image = torch.rand(2, 1, 8, 8, 8)
+    np.testing.assert_allclose(warp_image(image, torch.zeros(2, 3, 8, 8, 8)).numpy(), image.numpy(), atol=1e-6)
+
+
+def test_compose_two_shifts_is_their_sum():
+    shape = (12, 12, 12)
+    composed = compose(_shift(shape, (1, 2, 0)), _shift(shape, (0, -1, 3)))
+    np.testing.assert_allclose(composed[0, :, 3:-3, 3:-3, 3:-3].numpy(),
+                               _shift(shape, (1, 1, 3))[0, :, 3:-3, 3:-3, 3:-3].numpy(), atol=1e-5)
+
+
+def test_compose_equals_sequential_warping_for_smooth_fields():
+    shape = (20, 20, 20)
+    smooth = lambda c: torch.nn.functional.interpolate(torch.randn(1, c, 3, 3, 3), size=shape, mode="trilinear", align_corners=True)
+    a, b, image = smooth(3), smooth(3), smooth(1)
+    chained = warp_image(warp_image(image, a), b)
+    once = warp_image(image, compose(a, b))
+    # equal up to the extra interpolation of the chain; far from the result of one field alone
+    inner = (..., slice(4, -4), slice(4, -4), slice(4, -4))
+    assert (chained - once)[inner].abs().max() < 0.02 * (image.max() - image.min())
+    assert (chained - warp_image(image, a))[inner].abs().max() > 0.1
+
+
+def test_label_warp_keeps_label_set_and_dtype():
+    labels = torch.randint(0, 5, (1, 1, 10, 10, 10), dtype=torch.int32) * 1000
+    field = torch.randn(1, 3, 10, 10, 10) * 1.5
+    out = warp_labels(labels, field)
+    assert out.dtype == torch.int32
+    assert set(out.unique().tolist()) <= set(labels.unique().tolist())
+
+
+def test_scaling_and_squaring_inverse():
+    v = torch.nn.functional.interpolate(torch.randn(1, 3, 3, 3, 3), size=(16, 16, 16), mode="trilinear", align_corners=True)
+    roundtrip = compose(integrate_velocity(v), integrate_velocity(-v))
+    assert roundtrip[..., 3:-3, 3:-3, 3:-3].abs().max() < 0.1
+
+
+@pytest.mark.parametrize("bad", [torch.zeros(3, 8, 8, 8), torch.zeros(1, 2, 8, 8, 8), torch.zeros(1, 3, 8, 8, 8, dtype=torch.int64)])
+def test_bad_field_shapes_and_dtypes_raise_value_error(bad):
+    with pytest.raises(ValueError, match="expected"):
+        warp_image(torch.zeros(1, 1, 8, 8, 8), bad)
+
+
+def test_field_on_another_grid_raises():
+    with pytest.raises(ValueError, match="does not match"):
+        warp_image(torch.zeros(1, 1, 8, 8, 8), torch.zeros(1, 3, 8, 8, 9))

@@ -1,0 +1,73 @@
+"""Accuracy of a model (or a reference: no registration, the teacher's affine stage) on the
+test pairs: Dice, HD95, folding, SDlogJ, and error against the true field where it is known."""
+from __future__ import annotations
+
+import logging
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from .data import true_pair_field
+from .metrics import dice_per_label, field_error, folding_fraction, hd95, sd_log_jacobian
+from .modelfile import load_model
+from .training import _log_stream
+from .warp import warp_labels
+
+log = logging.getLogger(__name__)
+
+
+def flow_predictor(method: str, model_path=None, device: str = "cpu"):
+    """A function (moving, fixed) -> field (1, 3, D, H, W) for a method: 'identity' (no
+    registration), 'affine' (the model's affine stage alone) or 'model'."""
+    if method == "identity":
+        return lambda m, f: torch.zeros(1, 3, *m.shape[2:])
+    model, _, _ = load_model(model_path, device)
+    if method == "affine":
+        if model.affine is None:
+            raise ValueError(f"{model_path}: has no affine stage to evaluate")
+        return lambda m, f: model(m.to(device), f.to(device), upto=0)["flow"].cpu()
+    if method == "model":
+        return lambda m, f: model(m.to(device), f.to(device))["flow"].cpu()
+    raise ValueError(f"unknown method {method!r}")
+
+
+def _load(path, dtype):
+    img = nib.load(path)
+    return np.asarray(img.dataobj).astype(dtype), img
+
+
+@torch.inference_mode()
+def evaluate_pairs(name: str, predict, subjects: pd.DataFrame, pairs: pd.DataFrame, spacing: float,
+                   with_hd95: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per-pair metrics and per-structure Dice (long format) for one method."""
+    subj = subjects.set_index("id")
+    has_truth = "true_forward" in subj.columns
+    per_pair, per_label = [], []
+    for row in tqdm(list(pairs.itertuples()), desc=f"evaluate {name}", mininterval=10, file=_log_stream()):
+        mov, fix = subj.loc[row.moving], subj.loc[row.fixed]
+        moving, mov_img = _load(mov.image, np.float32)
+        fixed, fix_img = _load(fix.image, np.float32)
+        flow = predict(torch.from_numpy(moving)[None, None], torch.from_numpy(fixed)[None, None])
+        field = flow[0].numpy()
+        rec = {"method": name, "pair_id": row.pair_id, "folding_fraction": folding_fraction(field),
+               "sdlogj": sd_log_jacobian(field)}
+        fix_lab = None
+        if isinstance(mov.labels, str) and mov.labels:
+            mov_lab, _ = _load(mov.labels, np.int32)
+            fix_lab, _ = _load(fix.labels, np.int32)
+            warped = warp_labels(torch.from_numpy(mov_lab)[None, None], flow)[0, 0].numpy()
+            labels = np.intersect1d(np.unique(fix_lab), np.unique(mov_lab))
+            dice = dice_per_label(warped, fix_lab, labels)
+            rec["dice"] = float(np.nanmean(list(dice.values())))
+            if with_hd95:
+                rec["hd95_mm"] = float(np.nanmean(list(hd95(warped, fix_lab, (spacing,) * 3, labels).values())))
+            per_label += [{"method": name, "pair_id": row.pair_id, "label": k, "dice": v} for k, v in dice.items()]
+        if has_truth and isinstance(mov.get("true_inverse"), str):
+            truth = true_pair_field(fix_img.affine, fixed.shape, mov_img.affine,
+                                    nib.load(fix.true_forward), nib.load(mov.true_inverse))
+            rec.update(field_error(field, truth, (spacing,) * 3, None if fix_lab is None else fix_lab > 0))
+        per_pair.append(rec)
+    return pd.DataFrame(per_pair), pd.DataFrame(per_label)

@@ -1,0 +1,93 @@
+"""NIfTI reading with clear errors, and atomic writing (no half-written output survives)."""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+
+class InputError(ValueError):
+    """Bad input data: the message names the file and the problem."""
+
+
+def load_volume(path, kind: str = "image", ndim: int = 3):
+    """Read a NIfTI volume, checking that it is readable, ``ndim``-dimensional (trailing
+    singleton axes are dropped) and finite; label maps must hold integers and not be empty.
+    Returns (array, nibabel image)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: file not found")
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:  # nibabel raises many types for truncated or foreign files
+        raise InputError(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from None
+    while data.ndim > ndim and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != ndim:
+        raise InputError(f"{path}: expected a {ndim}D {kind}, got shape {data.shape}")
+    if kind == "labels":
+        if np.issubdtype(data.dtype, np.floating):
+            if not np.isfinite(data).all() or not np.array_equal(data, np.round(data)):
+                raise InputError(f"{path}: label map holds non-integer or non-finite values")
+        data = data.astype(np.int32)
+        if not (data > 0).any():
+            raise InputError(f"{path}: label map is empty (no voxel above 0)")
+    else:
+        data = data.astype(np.float32)
+        bad = ~np.isfinite(data)
+        if bad.any():
+            raise InputError(f"{path}: {int(bad.sum())} NaN or Inf voxel(s)")
+    return data, img
+
+
+def check_same_grid(path_a, img_a, path_b, img_b, atol: float = 1e-3) -> None:
+    if img_a.shape[:3] != img_b.shape[:3]:
+        raise InputError(f"{path_b}: grid {img_b.shape[:3]} differs from {path_a} {img_a.shape[:3]}")
+    if not np.allclose(img_a.affine, img_b.affine, atol=atol):
+        raise InputError(f"{path_b}: affine (orientation/spacing/origin) differs from that of {path_a}")
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside ``path``; rename it into place only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}-", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_volume(path, data, affine, header=None, dtype=None) -> None:
+    """Write a NIfTI volume atomically; ``header`` (e.g. the fixed image's) is kept where it
+    applies (units, descriptions), with data type and shape set from ``data``."""
+    data = np.asarray(data if dtype is None else np.asarray(data).astype(dtype))
+    hdr = header.copy() if header is not None else None
+    img = nib.Nifti1Image(data, affine, hdr)
+    img.set_data_dtype(data.dtype)
+    if data.ndim == 4:  # a displacement field: vector intent, so viewers know what it is
+        img.header.set_intent("vector")
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+
+
+def field_to_nifti_array(field) -> np.ndarray:
+    """(3, D, H, W) channel-first field to the (D, H, W, 3) layout written to NIfTI."""
+    return np.moveaxis(np.asarray(field, dtype=np.float32), 0, -1)
+
+
+def write_csv(frame, path) -> None:
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)

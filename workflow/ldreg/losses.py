@@ -1,0 +1,94 @@
+"""Training losses. Local NCC and the squared-gradient smoothness come from MONAI; the global
+correlation, affine regularisers, distillation and WGAN-GP terms are the method's own."""
+from __future__ import annotations
+
+import torch
+from monai.losses import DiffusionLoss, LocalNormalizedCrossCorrelationLoss
+
+from .checks import check_field_batch, check_volume_batch
+
+_diffusion = DiffusionLoss()
+
+
+def correlation_loss(warped: torch.Tensor, fixed: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """1 - Pearson correlation over each volume, averaged over the batch (0 for a perfect match)."""
+    check_volume_batch("warped", warped)
+    check_volume_batch("fixed", fixed)
+    if warped.shape != fixed.shape:
+        raise ValueError(f"warped {tuple(warped.shape)} and fixed {tuple(fixed.shape)} must have one shape")
+    a = warped.flatten(1) - warped.flatten(1).mean(1, keepdim=True)
+    b = fixed.flatten(1) - fixed.flatten(1).mean(1, keepdim=True)
+    corr = (a * b).sum(1) / torch.sqrt((a * a).sum(1) * (b * b).sum(1) + eps)
+    return (1 - corr).mean()
+
+
+def local_ncc_loss(warped: torch.Tensor, fixed: torch.Tensor, window: int = 9) -> torch.Tensor:
+    """1 + (negative) local normalised cross-correlation over a cubic window, so 0 is perfect."""
+    check_volume_batch("warped", warped)
+    return 1 + LocalNormalizedCrossCorrelationLoss(spatial_dims=3, kernel_size=window)(warped, fixed)
+
+
+def similarity_loss(name: str, warped: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+    if name == "correlation":
+        return correlation_loss(warped, fixed)
+    if name == "local_ncc":
+        return local_ncc_loss(warped, fixed)
+    raise ValueError(f"unknown similarity {name!r}: expected 'correlation' or 'local_ncc'")
+
+
+def smoothness_loss(field: torch.Tensor) -> torch.Tensor:
+    """Mean squared spatial gradient of a displacement field (voxels)."""
+    check_field_batch("field", field)
+    return _diffusion(field)
+
+
+def affine_losses(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """VTN's affine regularisers: ``(det M - 1)^2`` keeps volume, and
+    ``sum(lambda + 1/lambda - 2)`` over the eigenvalues of ``M^T M`` penalises shear and
+    anisotropic scaling (0 exactly for a rotation)."""
+    if matrix.ndim != 3 or matrix.shape[1:] != (3, 3):
+        raise ValueError(f"matrix: expected shape (B, 3, 3), got {tuple(matrix.shape)}")
+    det = torch.linalg.det(matrix)
+    eig = torch.linalg.eigvalsh(matrix.transpose(1, 2) @ matrix).clamp_min(1e-6)
+    return ((det - 1) ** 2).mean(), (eig + 1 / eig - 2).sum(1).mean()
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "l2") -> torch.Tensor:
+    """Direct distillation to the teacher's field: mean squared error ('l2') or mean end-point
+    error ('epe', the Euclidean length of the difference vector)."""
+    check_field_batch("student field", student)
+    check_field_batch("teacher field", teacher, student.shape[2:])
+    diff = student - teacher.to(student.dtype)
+    if kind == "l2":
+        return (diff**2).mean()
+    if kind == "epe":
+        return torch.sqrt((diff**2).sum(1) + 1e-9).mean()
+    raise ValueError(f"unknown distillation loss {kind!r}: expected 'l2' or 'epe'")
+
+
+def gradient_penalty(critic, teacher: torch.Tensor, student: torch.Tensor, beta: float | None) -> torch.Tensor:
+    """WGAN-GP penalty ``(||grad D(z)|| - 1)^2`` on ``z = beta*teacher + (1-beta)*student``;
+    ``beta=None`` draws it uniformly per sample (Gulrajani et al.)."""
+    if beta is None:
+        mix = torch.rand(teacher.shape[0], 1, 1, 1, 1, device=teacher.device, dtype=teacher.dtype)
+    else:
+        mix = torch.full((teacher.shape[0], 1, 1, 1, 1), float(beta), device=teacher.device, dtype=teacher.dtype)
+    z = (mix * teacher + (1 - mix) * student).detach().requires_grad_(True)
+    (grad,) = torch.autograd.grad(critic(z).sum(), z, create_graph=True)
+    return ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
+
+
+def critic_loss(critic, teacher: torch.Tensor, student: torch.Tensor, beta: float | None, gp_weight: float):
+    """``D(student) - D(teacher) + lambda * GP``: minimised, it scores teacher fields high."""
+    check_field_batch("teacher field", teacher)
+    check_field_batch("student field", student, teacher.shape[2:])
+    student = student.detach()
+    teacher = teacher.to(student.dtype)
+    wasserstein = critic(student).mean() - critic(teacher).mean()
+    return wasserstein + gp_weight * gradient_penalty(critic, teacher, student, beta), wasserstein
+
+
+def adversarial_loss(critic, student: torch.Tensor) -> torch.Tensor:
+    """The student's side of the game: ``-D(student)``, with its gradient flowing into the
+    student (the defect of the authors' release, where this term had none, is not repeated)."""
+    return -critic(student).mean()

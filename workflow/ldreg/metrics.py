@@ -1,0 +1,121 @@
+"""Evaluation metrics on numpy arrays, with voxel spacing in millimetres.
+
+Dice counts overlaps for all labels at once with one ``bincount`` (fast for 100+ labels);
+HD95 uses scipy's Euclidean distance transform on each structure's bounding box."""
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+
+def _check_same(name_a, a, name_b, b):
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape != b.shape:
+        raise ValueError(f"{name_a} {a.shape} and {name_b} {b.shape} must have one shape")
+    return a, b
+
+
+def dice_per_label(pred, truth, labels=None) -> dict:
+    """Dice of every label (background 0 excluded). A label present in neither map, or missing
+    from either, is NaN: it is not evidence of a good or a bad registration."""
+    pred, truth = _check_same("pred", pred, "truth", truth)
+    if not (np.issubdtype(pred.dtype, np.integer) and np.issubdtype(truth.dtype, np.integer)):
+        raise ValueError(f"label maps must be integer arrays, got {pred.dtype} and {truth.dtype}")
+    if labels is None:
+        labels = np.union1d(np.unique(pred), np.unique(truth))
+    labels = np.asarray([int(l) for l in labels if l != 0], dtype=np.int64)
+    if labels.size == 0:
+        return {}
+    # map labels to 1..K, everything else to 0, then count pairs with a single bincount
+    top = int(max(pred.max(initial=0), truth.max(initial=0), labels.max())) + 1
+    lut = np.zeros(top, dtype=np.int64)
+    lut[labels] = np.arange(1, labels.size + 1)
+    p = lut[pred.ravel()]
+    t = lut[truth.ravel()]
+    k = labels.size + 1
+    size_p = np.bincount(p, minlength=k)
+    size_t = np.bincount(t, minlength=k)
+    both = np.bincount(p[p == t], minlength=k)
+    out = {}
+    for i, label in enumerate(labels, start=1):
+        if size_p[i] == 0 or size_t[i] == 0:
+            out[int(label)] = float("nan")
+        else:
+            out[int(label)] = 2.0 * both[i] / (size_p[i] + size_t[i])
+    return out
+
+
+def mean_dice(pred, truth, labels=None) -> float:
+    values = np.array(list(dice_per_label(pred, truth, labels).values()), dtype=float)
+    return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+
+
+def _surface(mask):
+    return mask & ~ndimage.binary_erosion(mask)
+
+
+def hd95(pred, truth, spacing=(1.0, 1.0, 1.0), labels=None) -> dict:
+    """95th percentile symmetric surface distance (mm) per label; NaN where a label is absent."""
+    pred, truth = _check_same("pred", pred, "truth", truth)
+    if labels is None:
+        labels = np.union1d(np.unique(pred), np.unique(truth))
+    out = {}
+    objects_p = ndimage.find_objects(pred.astype(np.int64))
+    objects_t = ndimage.find_objects(truth.astype(np.int64))
+    for label in (int(l) for l in labels if l != 0):
+        sp = objects_p[label - 1] if label - 1 < len(objects_p) else None
+        st = objects_t[label - 1] if label - 1 < len(objects_t) else None
+        if sp is None or st is None:
+            out[label] = float("nan")
+            continue
+        box = tuple(slice(max(min(a.start, b.start) - 1, 0), max(a.stop, b.stop) + 1) for a, b in zip(sp, st))
+        mp, mt = pred[box] == label, truth[box] == label
+        surf_p, surf_t = _surface(mp), _surface(mt)
+        dist_to_t = ndimage.distance_transform_edt(~surf_t, sampling=spacing)
+        dist_to_p = ndimage.distance_transform_edt(~surf_p, sampling=spacing)
+        distances = np.concatenate([dist_to_t[surf_p], dist_to_p[surf_t]])
+        out[label] = float(np.percentile(distances, 95))
+    return out
+
+
+def jacobian_determinant(field, spacing=None) -> np.ndarray:
+    """Determinant of the Jacobian of ``x -> x + u(x)`` for a field (3, D, H, W) in voxels
+    (central differences inside, one-sided at the borders)."""
+    field = np.asarray(field, dtype=np.float64)
+    if field.ndim != 4 or field.shape[0] != 3:
+        raise ValueError(f"field: expected shape (3, D, H, W), got {field.shape}")
+    grads = np.stack([np.stack(np.gradient(field[i]), 0) for i in range(3)], 0)  # [i, j] = du_i/dx_j
+    jac = grads + np.eye(3).reshape(3, 3, 1, 1, 1)
+    return np.linalg.det(np.moveaxis(jac, (0, 1), (-2, -1)))
+
+
+def folding_fraction(field) -> float:
+    """Fraction of voxels where the Jacobian determinant is <= 0 (the map folds)."""
+    return float((jacobian_determinant(field) <= 0).mean())
+
+
+def sd_log_jacobian(field, clip: float = 1e-9) -> float:
+    """Standard deviation of log of the Jacobian determinant clipped to ``clip`` (SDlogJ)."""
+    det = np.clip(jacobian_determinant(field), clip, None)
+    return float(np.log(det).std())
+
+
+def landmark_tre(fixed_points, moving_points, field, spacing=(1.0, 1.0, 1.0)) -> np.ndarray:
+    """Target registration error (mm) per landmark: fixed landmarks (N, 3, voxels) are moved by
+    the field (trilinear) and compared with the corresponding moving landmarks."""
+    fixed_points = np.asarray(fixed_points, dtype=np.float64)
+    moving_points = np.asarray(moving_points, dtype=np.float64)
+    if fixed_points.shape != moving_points.shape or fixed_points.ndim != 2 or fixed_points.shape[1] != 3:
+        raise ValueError(f"landmarks: expected two (N, 3) arrays, got {fixed_points.shape} and {moving_points.shape}")
+    field = np.asarray(field, dtype=np.float64)
+    disp = np.stack([ndimage.map_coordinates(field[i], fixed_points.T, order=1, mode="nearest") for i in range(3)], 1)
+    return np.linalg.norm((fixed_points + disp - moving_points) * np.asarray(spacing), axis=1)
+
+
+def field_error(field, true_field, spacing=(1.0, 1.0, 1.0), mask=None) -> dict:
+    """End-point error (mm) of a field against a known true field, both (3, D, H, W) voxels."""
+    field, true_field = _check_same("field", field, "true field", true_field)
+    err = np.linalg.norm((field - true_field) * np.asarray(spacing).reshape(3, 1, 1, 1), axis=0)
+    if mask is not None:
+        err = err[np.asarray(mask, dtype=bool)]
+    return {"epe_mean_mm": float(err.mean()), "epe_p95_mm": float(np.percentile(err, 95))}

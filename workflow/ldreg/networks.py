@@ -1,0 +1,199 @@
+"""The paper's networks: affine stage, VTN-style dense stage, RCN teacher, LDR student, critic.
+
+All are fully convolutional 3D networks on any grid divisible by 2^depth; every network that
+predicts a transform starts at (or next to) the identity so training begins from "no motion".
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from .checks import check_divisible, check_volume_batch
+from .warp import compose, identity_grid, warp_image
+
+
+def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv3d(cin, cout, 3, stride=stride, padding=1), nn.LeakyReLU(0.1, inplace=True))
+
+
+class AffineNet(nn.Module):
+    """Affine sub-network: a strided conv encoder on (moving, fixed), global pooling and a linear
+    head giving a 3x4 matrix ``[W | t]`` with the voxel map ``x -> (I + W)(x - c) + c + t`` about
+    the grid centre ``c``. The head starts at zero, i.e. the identity."""
+
+    def __init__(self, width: int = 16, depth: int = 5):
+        super().__init__()
+        chans = [2] + [min(width * 2**i, 8 * width) for i in range(depth)]
+        self.encoder = nn.Sequential(*[_conv(chans[i], chans[i + 1], stride=2) for i in range(depth)])
+        self.head = nn.Linear(chans[-1], 12)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor):
+        features = self.encoder(torch.cat([moving, fixed], 1)).mean(dim=(2, 3, 4))
+        params = self.head(features).view(-1, 3, 4)
+        matrix = torch.eye(3, device=params.device, dtype=params.dtype) + params[:, :, :3]
+        return matrix, params[:, :, 3]
+
+
+def affine_field(matrix: torch.Tensor, translation: torch.Tensor, shape) -> torch.Tensor:
+    """Dense displacement (B, 3, *shape) in voxels of an affine map about the grid centre."""
+    grid = identity_grid(shape, device=matrix.device, dtype=matrix.dtype)
+    centre = torch.tensor([(s - 1) / 2 for s in shape], device=matrix.device, dtype=matrix.dtype)
+    centred = (grid - centre.view(3, 1, 1, 1)).reshape(3, -1)
+    moved = torch.einsum("bij,jn->bin", matrix, centred) + translation.unsqueeze(-1)
+    return (moved - centred).view(-1, 3, *shape)
+
+
+class DenseNet(nn.Module):
+    """Encoder-decoder with skips predicting a dense displacement field (VTN / LDR style).
+
+    ``enc_channels`` are the stride-2 encoder widths, deepest last; the decoder upsamples,
+    concatenates the matching skip and convolves, ending in a 3-channel flow conv at full
+    resolution whose weights start near zero (a near-identity initial field)."""
+
+    def __init__(self, enc_channels, dec_channels=None, flow_scale: float = 1.0):
+        super().__init__()
+        enc_channels = list(enc_channels)
+        self.depth = len(enc_channels)
+        dec_channels = list(dec_channels or enc_channels[::-1])
+        if len(dec_channels) != self.depth:
+            raise ValueError(f"dec_channels needs {self.depth} entries, got {dec_channels}")
+        chans = [2] + enc_channels
+        self.encoders = nn.ModuleList(_conv(chans[i], chans[i + 1], stride=2) for i in range(self.depth))
+        # decoder level k upsamples to the resolution of encoder level depth-2-k (or the input)
+        skips = chans[:-1][::-1]  # skip widths from deep to shallow; last is the 2-channel input
+        self.decoders = nn.ModuleList()
+        cin = enc_channels[-1]
+        for cout, skip in zip(dec_channels, skips):
+            self.decoders.append(_conv(cin + skip, cout))
+            cin = cout
+        self.flow = nn.Conv3d(cin, 3, 3, padding=1)
+        nn.init.normal_(self.flow.weight, std=1e-5)
+        nn.init.zeros_(self.flow.bias)
+        self.flow_scale = flow_scale
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        check_divisible("DenseNet input", moving.shape[2:], 2**self.depth)
+        x = torch.cat([moving, fixed], 1)
+        skips = [x]
+        for enc in self.encoders:
+            x = enc(x)
+            skips.append(x)
+        skips.pop()  # the deepest output is x itself
+        for dec in self.decoders:
+            skip = skips.pop()
+            x = F.interpolate(x, size=skip.shape[2:], mode="trilinear", align_corners=False)
+            x = dec(torch.cat([x, skip], 1))
+        return self.flow(x) * self.flow_scale
+
+
+@dataclass
+class CascadeSpec:
+    """Everything needed to rebuild a cascaded network; stored in model files."""
+
+    kind: str  # "teacher" (RCN) or "student" (LDR)
+    cascades: int = 1
+    width: int = 16
+    depth: int = 4
+    affine: bool = True
+    affine_width: int = 16
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def dense_channels(kind: str, width: int, depth: int):
+    """Channel plans: the teacher's VTN doubles per level (capped at 8x), the LDR student keeps
+    16-32 channels (``width`` then ``2*width``), about 0.3 M parameters a cascade at width 16."""
+    if kind == "teacher":
+        enc = [min(width * 2**i, 8 * width) for i in range(depth)]
+        return enc, enc[::-1]
+    if kind == "student":
+        enc = [width] + [2 * width] * (depth - 1)
+        return enc, [2 * width] * (depth - 1) + [width]
+    raise ValueError(f"unknown network kind {kind!r}: expected 'teacher' or 'student'")
+
+
+class CascadedRegistration(nn.Module):
+    """Affine stage (optional) followed by ``cascades`` dense stages (RCN when kind='teacher',
+    LDR when kind='student'). Stage k sees the moving image warped by the composition of the
+    stages before it and predicts a further displacement; the fields are composed, and the
+    original moving image is warped once by the composed field (no repeated interpolation)."""
+
+    def __init__(self, spec: CascadeSpec):
+        super().__init__()
+        if not 1 <= spec.cascades <= 20:
+            raise ValueError(f"cascades must be between 1 and 20, got {spec.cascades}")
+        self.spec = spec
+        self.affine = AffineNet(spec.affine_width) if spec.affine else None
+        enc, dec = dense_channels(spec.kind, spec.width, spec.depth)
+        self.stages = nn.ModuleList(DenseNet(enc, dec) for _ in range(spec.cascades))
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor, upto: int | None = None) -> dict:
+        """Returns ``fields`` (one per stage: the affine first when present), ``flow`` (the
+        composed field), ``warped`` and, when there is an affine stage, ``affine`` (matrix,
+        translation). ``upto`` stops after that many dense stages (0: affine only)."""
+        check_volume_batch("moving", moving, channels=1)
+        check_volume_batch("fixed", fixed, channels=1)
+        if moving.shape != fixed.shape:
+            raise ValueError(f"moving {tuple(moving.shape)} and fixed {tuple(fixed.shape)} must have one shape")
+        check_divisible("registration input", moving.shape[2:], 2**self.spec.depth)
+        out: dict = {"fields": []}
+        flow = None
+        if self.affine is not None:
+            matrix, translation = self.affine(moving, fixed)
+            flow = affine_field(matrix, translation, moving.shape[2:])
+            out["affine"] = (matrix, translation)
+            out["fields"].append(flow)
+        stages = self.stages if upto is None else self.stages[:upto]
+        warped = moving if flow is None else warp_image(moving, flow)
+        for stage in stages:
+            step = stage(warped, fixed)
+            out["fields"].append(step)
+            flow = step if flow is None else compose(flow, step)
+            warped = warp_image(moving, flow)
+        if flow is None:
+            flow = torch.zeros(moving.shape[0], 3, *moving.shape[2:], device=moving.device, dtype=moving.dtype)
+        out["flow"] = flow
+        out["warped"] = warped
+        return out
+
+
+class Critic(nn.Module):
+    """WGAN critic over displacement fields: strided 3D convs (no normalisation, as WGAN-GP
+    requires), global average pooling and a linear score. Works on any grid size."""
+
+    def __init__(self, width: int = 16, depth: int = 4):
+        super().__init__()
+        chans = [3] + [min(width * 2**i, 8 * width) for i in range(depth)]
+        self.features = nn.Sequential(*[_conv(chans[i], chans[i + 1], stride=2) for i in range(depth)])
+        self.score = nn.Linear(chans[-1], 1)
+
+    def forward(self, field: torch.Tensor) -> torch.Tensor:
+        check_volume_batch("field", field, channels=3)
+        return self.score(self.features(field).mean(dim=(2, 3, 4))).squeeze(-1)
+
+
+def build_network(spec: CascadeSpec | dict) -> CascadedRegistration:
+    if isinstance(spec, dict):
+        spec = CascadeSpec(**spec)
+    return CascadedRegistration(spec)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def complexity(model: nn.Module, shape) -> dict:
+    """Parameters and FLOPs of one forward pass on a pair of ``shape`` (torch's flop counter:
+    convolutions and matmuls; the grid sampling of the warps is not counted)."""
+    moving = torch.zeros(1, 1, *shape)
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        model(moving, moving.clone())
+    return {"parameters": count_parameters(model), "flops": int(counter.get_total_flops()), "grid": list(shape)}

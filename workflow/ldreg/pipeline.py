@@ -1,0 +1,227 @@
+"""The workflow's jobs as plain functions of paths and config sections: the rule scripts only
+unpack ``snakemake`` and call these, so every step runs and is tested without Snakemake."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import torch
+
+from . import data as data_mod
+from .evaluate import evaluate_pairs, flow_predictor
+from .io import InputError, write_csv
+from .modelfile import load_model, save_model
+from .networks import CascadeSpec, build_network, complexity
+from .report import (ablation_table, accuracy_table, accuracy_vs_time, dice_boxplot, qualitative_panel, speed_table,
+                     training_curves, write_table)
+from .timing import time_model_grid
+from .training import FlowCache, TrainConfig, cache_teacher_flows, device_for, load_images, train, write_loss_log
+from .warp import warp_image, warp_labels
+
+log = logging.getLogger("ldreg")
+
+
+def setup_logging(log_path=None, threads: int | None = None) -> None:
+    handlers = [logging.StreamHandler(sys.stderr)]
+    if log_path:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_path, mode="w"))
+    logging.basicConfig(level=logging.INFO, handlers=handlers, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.captureWarnings(True)
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def preprocessing_from(config: dict) -> data_mod.Preprocessing:
+    p = config["preprocessing"]
+    return data_mod.Preprocessing(spacing_mm=p["spacing_mm"], grid=tuple(p["grid"]), percentiles=tuple(p["percentiles"]),
+                                  foreground_fraction=p["foreground_fraction"])
+
+
+# ------------------------------------------------------------------------------------- data
+
+
+def make_synthetic(config: dict, out_dir, manifest, threads: int = 1) -> None:
+    syn = dict(config["data"]["synthetic"])
+    syn["gamma_range"] = tuple(syn["gamma_range"])
+    data_mod.make_synthetic_cohort(out_dir, data_mod.SyntheticConfig(seed=config["seed"], **syn), threads)
+
+
+def fetch_dataset(spec: dict, resources_dir, done_flag) -> None:
+    archive = data_mod.download(spec["url"], Path(resources_dir) / spec["archive"], spec.get("sha256"))
+    data_mod.unpack(archive, Path(resources_dir) / "unpacked")
+    Path(done_flag).write_text(json.dumps({"url": spec["url"], "sha256": data_mod.sha256sum(archive)}) + "\n")
+
+
+def raw_subjects(config: dict, source_root) -> pd.DataFrame:
+    """The raw subjects manifest of the configured source."""
+    source = config["data"]["source"]
+    if source == "synthetic":
+        return pd.read_csv(Path(source_root) / "subjects.csv")
+    if source == "folder":
+        f = config["data"]["folder"]
+        return data_mod.folder_subjects(f["root"], f["image_glob"], f.get("label_pattern"), f.get("label_replacement"))
+    spec = config["data"]["downloads"][source]
+    return data_mod.folder_subjects(Path(source_root) / "unpacked", spec["image_glob"], spec.get("label_pattern"),
+                                    spec.get("label_replacement"))
+
+
+def preprocess(config: dict, source_root, out_dir, subjects_csv, pairs_csv, threads: int = 1) -> None:
+    raw = raw_subjects(config, source_root)
+    limit = config["data"].get("max_subjects")
+    if limit:
+        raw = raw.iloc[:limit]
+    pairs_cfg = config["pairs"]
+    subjects, pairs = data_mod.preprocess_cohort(
+        raw, out_dir, preprocessing_from(config), config["splits"], config["seed"], pairs_cfg["train"],
+        pairs_cfg["test_mode"], pairs_cfg.get("max_test"), config["data"].get("label_map"), threads)
+    write_csv(subjects, subjects_csv)
+    write_csv(pairs, pairs_csv)
+    log.info("%d subjects (%s), %d pairs", len(subjects), subjects.split.value_counts().to_dict(), len(pairs))
+
+
+# --------------------------------------------------------------------------------- training
+
+
+def _train_inputs(subjects_csv, pairs_csv):
+    subjects = pd.read_csv(subjects_csv)
+    pairs = pd.read_csv(pairs_csv)
+    train_pairs = pairs[pairs.split == "train"].reset_index(drop=True)
+    needed = set(train_pairs.moving) | set(train_pairs.fixed)
+    return load_images(subjects[subjects.id.isin(needed)]), train_pairs
+
+
+def _run_training(name, spec: CascadeSpec, train_cfg: dict, config, subjects_csv, pairs_csv, model_out, loss_csv,
+                  checkpoint, flow_cache_path=None):
+    images, pairs = _train_inputs(subjects_csv, pairs_csv)
+    cfg = TrainConfig.from_dict({"seed": config["seed"], **train_cfg})
+    model = build_network(spec)
+    grid = tuple(config["preprocessing"]["grid"])
+    info = complexity(model, grid)
+    log.info("%s: %s, %d parameters, %.2f GFLOPs per pair at %s", name, spec, info["parameters"], info["flops"] / 1e9, grid)
+    cache = FlowCache(flow_cache_path) if flow_cache_path else None
+    device = device_for(config.get("device", "auto"))
+    model, losses, _ = train(model, pairs, images, cfg, checkpoint, cache, str(device))
+    write_loss_log(losses, loss_csv, cfg.seed)
+    save_model(model_out, model.cpu(), preprocessing_from(config), {"config": cfg.__dict__, "pairs": len(pairs)}, name)
+    Path(checkpoint).unlink(missing_ok=True)  # done: the model file supersedes it
+
+
+NETWORK_DEFAULTS = {"teacher": {"cascades": 2, "width": 16, "depth": 4, "affine": True, "affine_width": 16},
+                    "student": {"cascades": 1, "width": 16, "depth": 4, "affine": True, "affine_width": 8}}
+
+
+def _spec(kind: str, settings: dict) -> CascadeSpec:
+    merged = {**NETWORK_DEFAULTS[kind], **{k: v for k, v in settings.items() if k != "train"}}
+    return CascadeSpec(kind=kind, **merged)
+
+
+def train_teacher(config, subjects_csv, pairs_csv, model_out, loss_csv, checkpoint) -> None:
+    t = config["teacher"]
+    spec = _spec("teacher", t)
+    _run_training("teacher", spec, t.get("train", {}), config, subjects_csv, pairs_csv, model_out, loss_csv, checkpoint)
+
+
+def student_settings(config: dict, variant: str) -> tuple[CascadeSpec, dict]:
+    students = config["students"]
+    if variant not in students["variants"]:
+        raise ValueError(f"unknown student variant {variant!r}; configured: {sorted(students['variants'])}")
+    defaults, own = students.get("defaults", {}), students["variants"][variant] or {}
+    train_cfg = {**defaults.get("train", {}), **own.get("train", {})}
+    return _spec("student", {**defaults, **own}), train_cfg
+
+
+def train_student(config, variant, subjects_csv, pairs_csv, flow_cache, model_out, loss_csv, checkpoint) -> None:
+    spec, train_cfg = student_settings(config, variant)
+    uses_teacher = train_cfg.get("distillation", "none") != "none" or train_cfg.get("adversarial", False)
+    _run_training(f"student_{variant}", spec, train_cfg, config, subjects_csv, pairs_csv, model_out, loss_csv,
+                  checkpoint, flow_cache if uses_teacher else None)
+
+
+def cache_flows(config, teacher_path, subjects_csv, pairs_csv, out) -> None:
+    images, pairs = _train_inputs(subjects_csv, pairs_csv)
+    model, _, _ = load_model(teacher_path)
+    cache_teacher_flows(model, pairs, images, out, str(device_for(config.get("device", "auto"))))
+
+
+# ------------------------------------------------------------------------------- evaluation
+
+
+def evaluate(config, method: str, model_path, subjects_csv, pairs_csv, per_pair_csv, per_label_csv) -> None:
+    """``method`` is 'identity', 'affine' (the teacher's affine stage) or a model name."""
+    subjects, pairs = pd.read_csv(subjects_csv), pd.read_csv(pairs_csv)
+    test = pairs[pairs.split == "test"]
+    kind = method if method in ("identity", "affine") else "model"
+    predict = flow_predictor(kind, model_path, str(device_for(config.get("device", "auto"))))
+    per_pair, per_label = evaluate_pairs(method, predict, subjects, test, config["preprocessing"]["spacing_mm"],
+                                         config["evaluation"]["hd95"])
+    write_csv(per_pair, per_pair_csv)
+    write_csv(per_label, per_label_csv)
+
+
+def time_cpu(config, model_path, out_csv, threads: int) -> None:
+    t = config["timing"]
+    import os
+
+    counts = sorted({1, max(1, min(threads, os.cpu_count() or 1))})
+    grids = [tuple(config["preprocessing"]["grid"])] + [tuple(g) for g in t["extra_grids"]]
+    rows = time_model_grid(model_path, grids, counts, t["repeats"], t["warmup"])
+    write_csv(pd.DataFrame(rows), out_csv)
+
+
+# ----------------------------------------------------------------------------------- report
+
+
+def tables(config, eval_csvs: dict, timing_csvs: dict, model_paths: dict, out_dir) -> None:
+    evals = pd.concat([pd.read_csv(p) for p in eval_csvs.values()], ignore_index=True)
+    speed = pd.concat([pd.read_csv(p).assign(method=m) for m, p in timing_csvs.items()], ignore_index=True)
+    speed = speed[["method"] + [c for c in speed.columns if c != "method"]]
+    grid = tuple(config["preprocessing"]["grid"])
+    params = {m: complexity(load_model(p)[0], grid)["parameters"] for m, p in model_paths.items()}
+    params["affine"] = sum(x.numel() for x in load_model(model_paths["teacher"])[0].affine.parameters())
+    accuracy = accuracy_table(evals, speed, params)
+    out_dir = Path(out_dir)
+    write_table(accuracy.assign(seed=config["seed"]), out_dir / "accuracy")
+    write_table(speed_table(speed), out_dir / "speed")
+    write_table(ablation_table(accuracy, config["students"]["variants"]), out_dir / "ablation")
+
+
+def figures(config, eval_csvs: dict, accuracy_csv, loss_csvs: dict, model_paths: dict, subjects_csv, pairs_csv, out_dir) -> None:
+    out_dir = Path(out_dir)
+    evals = pd.concat([pd.read_csv(p) for p in eval_csvs.values()], ignore_index=True)
+    dice_boxplot(evals, out_dir / "dice_boxplot.png")
+    accuracy_vs_time(pd.read_csv(accuracy_csv), out_dir / "accuracy_vs_time.png")
+    training_curves({m: pd.read_csv(p) for m, p in loss_csvs.items()}, out_dir / "training_curves.png")
+    subjects = pd.read_csv(subjects_csv).set_index("id")
+    pair = pd.read_csv(pairs_csv).query("split == 'test'").iloc[0]
+    load = lambda p, t: np.asarray(nib.load(p).dataobj).astype(t)
+    moving, fixed = load(subjects.loc[pair.moving, "image"], np.float32), load(subjects.loc[pair.fixed, "image"], np.float32)
+    has_labels = isinstance(subjects.loc[pair.moving, "labels"], str)
+    mov_lab = load(subjects.loc[pair.moving, "labels"], np.int32) if has_labels else None
+    fix_lab = load(subjects.loc[pair.fixed, "labels"], np.int32) if has_labels else None
+    results = {}
+    with torch.inference_mode():
+        for name, path in model_paths.items():
+            model = load_model(path)[0]
+            m, f = torch.from_numpy(moving)[None, None], torch.from_numpy(fixed)[None, None]
+            flow = model(m, f)["flow"]
+            wl = warp_labels(torch.from_numpy(mov_lab)[None, None], flow)[0, 0].numpy() if has_labels else None
+            results[name] = (warp_image(m, flow)[0, 0].numpy(), wl, flow[0].numpy())
+    qualitative_panel(moving, fixed, fix_lab, results, out_dir / "qualitative.png")
+
+
+def run_job(log_path, threads, job, *args, **kwargs) -> None:
+    """Run one workflow job with logging set up; bad input ends it with a one-line reason
+    (the full trace stays in the log for anything unexpected)."""
+    setup_logging(log_path, threads)
+    try:
+        job(*args, **kwargs)
+    except (InputError, ValueError) as exc:
+        log.error("%s", exc)
+        raise SystemExit(f"error: {exc}") from None

@@ -1,0 +1,155 @@
+"""Tables (CSV + Markdown) and figures (PNG) in the paper's shape, from the per-pair metrics,
+timings and training logs the workflow writes."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import nibabel as nib  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from .io import atomic_path, write_csv  # noqa: E402
+
+
+def write_table(frame: pd.DataFrame, stem) -> None:
+    """``stem``.csv and ``stem``.md."""
+    write_csv(frame, f"{stem}.csv")
+    with atomic_path(f"{stem}.md") as tmp:
+        tmp.write_text(frame.to_markdown(index=False, floatfmt=".4g") + "\n")
+
+
+def _pm(values) -> str:
+    values = pd.Series(values).dropna()
+    return f"{values.mean():.3f} ± {values.std(ddof=0):.3f}" if len(values) else "n/a"
+
+
+def accuracy_table(evals: pd.DataFrame, speed: pd.DataFrame, params: dict) -> pd.DataFrame:
+    """One row per method: parameters, Dice mean ± sd, HD95, % |J|<=0, SDlogJ, EPE, CPU s/pair."""
+    rows = []
+    cpu = speed[(speed.grid == speed.grid.iloc[0]) & (speed.threads == 1)].set_index("method")["seconds"] if len(speed) else {}
+    for method, g in evals.groupby("method", sort=False):
+        row = {"method": method, "parameters": params.get(method, 0), "dice": _pm(g.get("dice", [])),
+               "dice_mean": g["dice"].mean() if "dice" in g else np.nan,
+               "hd95_mm": g["hd95_mm"].mean() if "hd95_mm" in g else np.nan,
+               "folding_percent": 100 * g.folding_fraction.mean(), "sdlogj": g.sdlogj.mean()}
+        if "epe_mean_mm" in g:
+            row["epe_mm"] = g.epe_mean_mm.mean()
+        row["cpu_s_per_pair"] = cpu.get(method, np.nan) if len(speed) else np.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def speed_table(speed: pd.DataFrame, teacher: str = "teacher") -> pd.DataFrame:
+    """CPU timing per method, grid and threads, with the speed-up over the teacher."""
+    out = speed.copy()
+    ref = out[out.method == teacher].set_index(["grid", "threads"])["seconds"]
+    out["speedup_over_teacher"] = [ref.get((g, t), np.nan) / s for g, t, s in zip(out.grid, out.threads, out.seconds)]
+    return out
+
+
+def ablation_table(accuracy: pd.DataFrame, variants: dict) -> pd.DataFrame:
+    """The students side by side with what each variant switches on."""
+    rows = []
+    for name, v in variants.items():
+        if v is None:
+            continue
+        v = {**v, **v.get("train", {})}
+        method = f"student_{name}"
+        acc = accuracy[accuracy.method == method]
+        if acc.empty:
+            continue
+        a = acc.iloc[0]
+        rows.append({"variant": name, "cascades": v.get("cascades", 1), "distillation": v.get("distillation", "none"),
+                     "adversarial": bool(v.get("adversarial", False)), "parameters": a.parameters, "dice": a.dice,
+                     "dice_mean": a.dice_mean, "hd95_mm": a.hd95_mm, "folding_percent": a.folding_percent,
+                     "cpu_s_per_pair": a.cpu_s_per_pair})
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------------- figures
+
+
+def dice_boxplot(evals: pd.DataFrame, path) -> None:
+    methods = list(dict.fromkeys(evals.method))
+    fig, ax = plt.subplots(figsize=(1.2 * len(methods) + 2, 4))
+    ax.boxplot([evals.loc[evals.method == m, "dice"].dropna() for m in methods], tick_labels=methods)
+    ax.set_ylabel("mean Dice per pair")
+    ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def accuracy_vs_time(accuracy: pd.DataFrame, path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for row in accuracy.dropna(subset=["cpu_s_per_pair"]).itertuples():
+        ax.scatter(row.cpu_s_per_pair, row.dice_mean)
+        ax.annotate(row.method, (row.cpu_s_per_pair, row.dice_mean), fontsize=8, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("CPU seconds per pair (1 thread, log scale)")
+    ax.set_ylabel("mean Dice")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def training_curves(logs: dict, path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, frame in logs.items():
+        smooth = frame["loss"].rolling(max(1, len(frame) // 20), min_periods=1).mean()
+        axes[0].plot(frame.step, smooth, label=name)
+        if "wasserstein" in frame:
+            axes[1].plot(frame.step, frame["wasserstein"].rolling(max(1, len(frame) // 20), min_periods=1).mean(), label=name)
+    axes[0].set(title="training loss (running mean)", xlabel="step", ylabel="loss")
+    axes[1].set(title="critic: D(student) - D(teacher)", xlabel="step")
+    for ax in axes:
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _grid_lines(ax, field2d, step=4):
+    """Deformed grid of a 2D displacement (2, H, W) in voxels."""
+    h, w = field2d.shape[1:]
+    yy, xx = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    py, px = yy + field2d[0], xx + field2d[1]
+    for i in range(0, h, step):
+        ax.plot(px[i], py[i], color="y", lw=0.5)
+    for j in range(0, w, step):
+        ax.plot(px[:, j], py[:, j], color="y", lw=0.5)
+
+
+def qualitative_panel(moving, fixed, fixed_labels, results: dict, path) -> None:
+    """Moving, fixed, then per method the warped image with label contours and the deformation
+    grid, all on the fixed image's middle axial slice."""
+    z = moving.shape[2] // 2
+    cols = 2 + len(results)
+    fig, axes = plt.subplots(2, cols, figsize=(2.6 * cols, 5.4))
+    show = lambda ax, img, title: (ax.imshow(img[:, :, z].T, cmap="gray", origin="lower"), ax.set_title(title, fontsize=8))
+    show(axes[0, 0], moving, "moving")
+    show(axes[0, 1], fixed, "fixed")
+    axes[1, 0].axis("off")
+    if fixed_labels is not None:
+        show(axes[1, 1], fixed, "fixed labels")
+        axes[1, 1].contour(fixed_labels[:, :, z].T, levels=np.unique(fixed_labels)[1::4], linewidths=0.3, cmap="tab20")
+    for k, (name, (warped, warped_labels, field)) in enumerate(results.items(), start=2):
+        show(axes[0, k], warped, name)
+        if warped_labels is not None:
+            axes[0, k].contour(warped_labels[:, :, z].T, levels=np.unique(warped_labels)[1::4], linewidths=0.3, cmap="tab20")
+        show(axes[1, k], fixed, "deformation grid")
+        _grid_lines(axes[1, k], np.stack([field[1, :, :, z].T, field[0, :, :, z].T]))  # rows: y, columns: x
+    for ax in axes.ravel():
+        ax.set_xticks([]), ax.set_yticks([])
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _save(fig, path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)

@@ -1,0 +1,40 @@
+# Names shared by every rule: the models, the evaluated methods and where their files lie.
+RESULTS = config["results_dir"]
+RESOURCES = config["resources_dir"]
+# a variant set to null in a later --configfile is switched off
+VARIANTS = [v for v, s in config["students"]["variants"].items() if s is not None]
+MODELS = ["teacher"] + [f"student_{v}" for v in VARIANTS]
+METHODS = ["identity", "affine"] + MODELS
+
+
+wildcard_constraints:
+    variant="|".join(VARIANTS) or "none",
+    model="|".join(MODELS),
+    method="|".join(METHODS),
+
+
+def model_file(name):
+    return f"{RESULTS}/models/{name}.pt"
+
+
+def source_root():
+    source = config["data"]["source"]
+    return f"{RESOURCES}/synthetic" if source == "synthetic" else f"{RESOURCES}/{source}"
+
+
+def source_input(wildcards):
+    source = config["data"]["source"]
+    if source == "synthetic":
+        return f"{RESOURCES}/synthetic/subjects.csv"
+    if source == "folder":
+        return []
+    return f"{RESOURCES}/{source}/.done"
+
+
+def student_uses_teacher(variant):
+    students = config["students"]
+    train = {
+        **students.get("defaults", {}).get("train", {}),
+        **(students["variants"][variant] or {}).get("train", {}),
+    }
+    return train.get("distillation", "none") != "none" or train.get("adversarial", False)

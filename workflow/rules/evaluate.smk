@@ -1,0 +1,42 @@
+def method_model(wildcards):
+    if wildcards.method == "identity":
+        return []
+    return model_file("teacher" if wildcards.method == "affine" else wildcards.method)
+
+
+rule evaluate:
+    input:
+        model=method_model,
+        subjects=rules.preprocess.output.subjects,
+        pairs=rules.preprocess.output.pairs,
+    output:
+        per_pair=f"{RESULTS}/eval/{{method}}_pairs.csv",
+        per_label=f"{RESULTS}/eval/{{method}}_labels.csv",
+    log:
+        f"{RESULTS}/logs/evaluate_{{method}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/evaluate_{{method}}.tsv"
+    threads: 1
+    resources:
+        mem_mb=3000,
+    conda:
+        "../../envs/ldreg.yaml"
+    script:
+        "../scripts/evaluate.py"
+
+
+rule time_cpu:
+    input:
+        model=lambda wc: model_file(wc.model),
+    output:
+        timing=f"{RESULTS}/timing/{{model}}.csv",
+    log:
+        f"{RESULTS}/logs/time_cpu_{{model}}.log",
+    # all the run's cores: no other job shares the CPU while one is timed
+    threads: workflow.cores
+    resources:
+        mem_mb=4000,
+    conda:
+        "../../envs/ldreg.yaml"
+    script:
+        "../scripts/time_cpu.py"

@@ -1,0 +1,25 @@
+rule train_student:
+    input:
+        subjects=rules.preprocess.output.subjects,
+        pairs=rules.preprocess.output.pairs,
+        # only distilling variants wait for (and are re-run with) the teacher
+        flows=lambda wc: rules.cache_teacher_flows.output.flows if student_uses_teacher(wc.variant) else [],
+    output:
+        model=model_file("student_{variant}"),
+        losses=f"{RESULTS}/training/student_{{variant}}_loss.csv",
+    params:
+        checkpoint=lambda wc: f"{RESULTS}/checkpoints/student_{wc.variant}.ckpt",
+        # a changed variant definition reruns that variant (--rerun-triggers params)
+        settings=lambda wc: config["students"]["variants"][wc.variant],
+    log:
+        f"{RESULTS}/logs/train_student_{{variant}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/train_student_{{variant}}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        gpu=0,
+    conda:
+        "../../envs/ldreg.yaml"
+    script:
+        "../scripts/train_student.py"
