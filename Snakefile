@@ -25,4 +25,5 @@ rule all:
     input:
         rules.tables.output,
         rules.figures.output,
+        rules.benchmark_core.output,
     default_target: True

@@ -99,7 +99,7 @@ def test_thirty_student_steps_lower_the_loss_and_raise_dice(tmp_path):
     pairs = pd.DataFrame([{"pair_id": "m__f", "moving": "m", "fixed": "f"}])
     model = build_network(CascadeSpec(kind="student", width=8, depth=3, affine=False))
     cfg = TrainConfig(steps=30, lr=3e-3, smoothness_weight=0.01, checkpoint_every=1000)
-    model, losses, _ = train(model, pairs, images, cfg, tmp_path / "ckpt", progress=False)
+    model, losses, _ = train(model, pairs, images, cfg, tmp_path / "ckpt", show_progress=False)
     assert losses.loss.iloc[-3:].mean() < 0.2 * losses.loss.iloc[0]
     with torch.no_grad():
         flow = model(images["m"], images["f"])["flow"]
@@ -124,7 +124,7 @@ def test_aldk_trains_both_student_and_critic_and_critic_ranks_teacher_higher(tmp
     model = build_network(CascadeSpec(kind="student", width=4, depth=3, affine=False))
     before = [p.detach().clone() for p in model.parameters()]
     cfg = TrainConfig(steps=6, lr=1e-3, adversarial=True, critic_lr=5e-3, critic_width=4, critic_steps=2, checkpoint_every=1000)
-    model, losses, critic = train(model, pairs, images, cfg, tmp_path / "ckpt", flow_cache=_Cache(teacher), progress=False)
+    model, losses, critic = train(model, pairs, images, cfg, tmp_path / "ckpt", flow_cache=_Cache(teacher), show_progress=False)
     assert isinstance(critic, Critic)
     moved = [not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters())]
     assert all(moved), "every student tensor (flow head included) must receive gradient"
@@ -152,11 +152,11 @@ def test_training_resumes_from_checkpoint(tmp_path):
     spec = CascadeSpec(kind="student", width=4, depth=3, affine=False)
     cfg = TrainConfig(steps=6, lr=1e-3, checkpoint_every=3)
     torch.manual_seed(0)
-    full, full_losses, _ = train(build_network(spec), pairs, images, cfg, tmp_path / "a.ckpt", progress=False)
+    full, full_losses, _ = train(build_network(spec), pairs, images, cfg, tmp_path / "a.ckpt", show_progress=False)
     torch.manual_seed(0)
     # an interrupted run: 3 steps (writing the checkpoint at step 3), then a fresh process resumes
-    train(build_network(spec), pairs, images, TrainConfig(steps=4, lr=1e-3, checkpoint_every=3), tmp_path / "b.ckpt", progress=False)
+    train(build_network(spec), pairs, images, TrainConfig(steps=4, lr=1e-3, checkpoint_every=3), tmp_path / "b.ckpt", show_progress=False)
     torch.manual_seed(0)
-    resumed, resumed_losses, _ = train(build_network(spec), pairs, images, cfg, tmp_path / "b.ckpt", progress=False)
+    resumed, resumed_losses, _ = train(build_network(spec), pairs, images, cfg, tmp_path / "b.ckpt", show_progress=False)
     assert len(resumed_losses) == 6
     np.testing.assert_allclose(resumed_losses.loss.values, full_losses.loss.values, rtol=1e-4)

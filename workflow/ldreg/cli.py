@@ -124,7 +124,7 @@ def export_model(model_path, out_path, fmt: str) -> None:
         traced.save(str(out_path))
     elif fmt == "onnx":
         torch.onnx.export(wrapper, example, str(out_path), input_names=["moving", "fixed"], output_names=["flow"],
-                          opset_version=17, dynamo=False)
+                          opset_version=20, dynamo=True)
     else:
         raise InputError(f"unknown export format {fmt!r}: expected torchscript or onnx")
 

@@ -106,6 +106,33 @@ def _smooth_bias(shape, strength, rng) -> np.ndarray:
     return np.exp(strength * low / (np.abs(low).max() + 1e-12))
 
 
+def _make_subject(args) -> dict:
+    """One synthetic subject; its random draws depend only on (seed, index), so the cohort is
+    the same whatever the number of worker processes."""
+    index, cfg, atlas, atlas_labels, shape, affine, fine_shape, fine_affine, out_dir = args
+    rng = np.random.default_rng([cfg.seed, index])
+    sid = f"sub-{index + 1:03d}"
+    velocity = torch.from_numpy(_random_velocity(shape, cfg, rng))[None]
+    mat = _random_affine(shape, cfg, rng)
+    # phi = A o exp(v): sample at exp(v)(x), then A ->  field = compose(first=A, second=exp(v))
+    forward = compose(_affine_displacement(mat, shape), integrate_velocity(velocity))
+    inverse = compose(integrate_velocity(-velocity), _affine_displacement(np.linalg.inv(mat), shape))
+    fine_forward = 2 * torch.nn.functional.interpolate(forward, size=fine_shape, mode="trilinear", align_corners=True)
+    image = warp_image(torch.from_numpy(atlas)[None, None], fine_forward)[0, 0].numpy()
+    labels = warp_labels(torch.from_numpy(atlas_labels)[None, None], fine_forward)[0, 0].numpy()
+    gamma = rng.uniform(*cfg.gamma_range)
+    image = np.clip(image, 0, None) ** gamma * _smooth_bias(fine_shape, cfg.bias_strength, rng)
+    image = image + cfg.noise_std * rng.standard_normal(fine_shape) * (image > 0.01)
+    paths = {k: Path(out_dir) / f"{sid}_{k}.nii.gz" for k in ("image", "labels", "true_forward", "true_inverse")}
+    save_volume(paths["image"], image.astype(np.float32), fine_affine)
+    save_volume(paths["labels"], labels.astype(np.int16), fine_affine)
+    for key, disp in (("true_forward", forward), ("true_inverse", inverse)):
+        world = np.einsum("ij,jxyz->ixyz", affine[:3, :3], disp[0].numpy())
+        save_volume(paths[key], np.moveaxis(world, 0, -1).astype(np.float32), affine)
+    log.info("synthetic subject %s (%d/%d)", sid, index + 1, cfg.subjects)
+    return {"id": sid, **{k: str(v) for k, v in paths.items()}}
+
+
 def make_synthetic_cohort(out_dir, cfg: SyntheticConfig, threads: int = 1) -> pd.DataFrame:
     """Deform the embedded atlas into ``cfg.subjects`` subjects: each is the atlas sampled at
     ``phi(x) = A(exp(v)(x))`` (random small affine A after a random stationary velocity field
@@ -127,31 +154,13 @@ def make_synthetic_cohort(out_dir, cfg: SyntheticConfig, threads: int = 1) -> pd
     labels_img = nib.load(str(labels_path))
     atlas_labels = np.asarray(resample_from_to(labels_img, (fine_shape, fine_affine), order=0).dataobj).astype(np.int32)
     atlas = np.clip(atlas / np.percentile(atlas[atlas > 0], 99.5), 0, 1)
-    atlas_t = torch.from_numpy(atlas)[None, None]
-    labels_t = torch.from_numpy(atlas_labels)[None, None]
-    rng = np.random.default_rng(cfg.seed)
-    rows = []
-    for index in range(cfg.subjects):
-        sid = f"sub-{index + 1:03d}"
-        velocity = torch.from_numpy(_random_velocity(shape, cfg, rng))[None]
-        mat = _random_affine(shape, cfg, rng)
-        # phi = A o exp(v): sample at exp(v)(x), then A ->  field = compose(first=A, second=exp(v))
-        forward = compose(_affine_displacement(mat, shape), integrate_velocity(velocity))
-        inverse = compose(integrate_velocity(-velocity), _affine_displacement(np.linalg.inv(mat), shape))
-        fine_forward = 2 * torch.nn.functional.interpolate(forward, size=fine_shape, mode="trilinear", align_corners=True)
-        image = warp_image(atlas_t, fine_forward)[0, 0].numpy()
-        labels = warp_labels(labels_t, fine_forward)[0, 0].numpy()
-        gamma = rng.uniform(*cfg.gamma_range)
-        image = np.clip(image, 0, None) ** gamma * _smooth_bias(fine_shape, cfg.bias_strength, rng)
-        image = image + cfg.noise_std * rng.standard_normal(fine_shape) * (image > 0.01)
-        paths = {k: out_dir / f"{sid}_{k}.nii.gz" for k in ("image", "labels", "true_forward", "true_inverse")}
-        save_volume(paths["image"], image.astype(np.float32), fine_affine)
-        save_volume(paths["labels"], labels.astype(np.int16), fine_affine)
-        for key, disp in (("true_forward", forward), ("true_inverse", inverse)):
-            world = np.einsum("ij,jxyz->ixyz", affine[:3, :3], disp[0].numpy())
-            save_volume(paths[key], np.moveaxis(world, 0, -1).astype(np.float32), affine)
-        rows.append({"id": sid, **{k: str(v) for k, v in paths.items()}})
-        log.info("synthetic subject %s (%d/%d)", sid, index + 1, cfg.subjects)
+    jobs = [(index, cfg, atlas, atlas_labels, shape, affine, fine_shape, fine_affine, str(out_dir))
+            for index in range(cfg.subjects)]
+    if threads > 1:
+        with ProcessPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            rows = list(pool.map(_make_subject, jobs))
+    else:
+        rows = [_make_subject(job) for job in jobs]
     manifest = pd.DataFrame(rows)
     write_csv(manifest, out_dir / "subjects.csv")
     return manifest

@@ -8,12 +8,11 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 
 from .data import true_pair_field
 from .metrics import dice_per_label, field_error, folding_fraction, hd95, sd_log_jacobian
 from .modelfile import load_model
-from .training import _log_stream
+from .progress import progress
 from .warp import warp_labels
 
 log = logging.getLogger(__name__)
@@ -46,7 +45,7 @@ def evaluate_pairs(name: str, predict, subjects: pd.DataFrame, pairs: pd.DataFra
     subj = subjects.set_index("id")
     has_truth = "true_forward" in subj.columns
     per_pair, per_label = [], []
-    for row in tqdm(list(pairs.itertuples()), desc=f"evaluate {name}", mininterval=10, file=_log_stream()):
+    for row in progress(list(pairs.itertuples()), desc=f"evaluate {name}", logger=__name__):
         mov, fix = subj.loc[row.moving], subj.loc[row.fixed]
         moving, mov_img = _load(mov.image, np.float32)
         fixed, fix_img = _load(fix.image, np.float32)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -35,7 +36,8 @@ def setup_logging(log_path=None, threads: int | None = None) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.captureWarnings(True)
     if threads:
-        torch.set_num_threads(threads)
+        # more threads than cores only adds contention (a run may say --cores 8 on 2 cores)
+        torch.set_num_threads(max(1, min(int(threads), os.cpu_count() or 1)))
 
 
 def preprocessing_from(config: dict) -> data_mod.Preprocessing:
@@ -50,7 +52,8 @@ def preprocessing_from(config: dict) -> data_mod.Preprocessing:
 def make_synthetic(config: dict, out_dir, manifest, threads: int = 1) -> None:
     syn = dict(config["data"]["synthetic"])
     syn["gamma_range"] = tuple(syn["gamma_range"])
-    data_mod.make_synthetic_cohort(out_dir, data_mod.SyntheticConfig(seed=config["seed"], **syn), threads)
+    data_mod.make_synthetic_cohort(out_dir, data_mod.SyntheticConfig(seed=config["seed"], **syn),
+                                   min(threads, os.cpu_count() or 1))
 
 
 def fetch_dataset(spec: dict, resources_dir, done_flag) -> None:
@@ -80,7 +83,8 @@ def preprocess(config: dict, source_root, out_dir, subjects_csv, pairs_csv, thre
     pairs_cfg = config["pairs"]
     subjects, pairs = data_mod.preprocess_cohort(
         raw, out_dir, preprocessing_from(config), config["splits"], config["seed"], pairs_cfg["train"],
-        pairs_cfg["test_mode"], pairs_cfg.get("max_test"), config["data"].get("label_map"), threads)
+        pairs_cfg["test_mode"], pairs_cfg.get("max_test"), config["data"].get("label_map"),
+        min(threads, os.cpu_count() or 1))
     write_csv(subjects, subjects_csv)
     write_csv(pairs, pairs_csv)
     log.info("%d subjects (%s), %d pairs", len(subjects), subjects.split.value_counts().to_dict(), len(pairs))
@@ -167,8 +171,6 @@ def evaluate(config, method: str, model_path, subjects_csv, pairs_csv, per_pair_
 
 def time_cpu(config, model_path, out_csv, threads: int) -> None:
     t = config["timing"]
-    import os
-
     counts = sorted({1, max(1, min(threads, os.cpu_count() or 1))})
     grids = [tuple(config["preprocessing"]["grid"])] + [tuple(g) for g in t["extra_grids"]]
     rows = time_model_grid(model_path, grids, counts, t["repeats"], t["warmup"])
@@ -225,3 +227,11 @@ def run_job(log_path, threads, job, *args, **kwargs) -> None:
     except (InputError, ValueError) as exc:
         log.error("%s", exc)
         raise SystemExit(f"error: {exc}") from None
+
+
+def benchmark_core(out_csv) -> None:
+    from .benchmark import core_benchmark
+
+    frame = core_benchmark()
+    log.info("\n%s", frame.to_string(index=False))
+    write_csv(frame, out_csv)

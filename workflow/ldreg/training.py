@@ -12,12 +12,12 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 
 from .io import InputError, atomic_path, write_csv
 from .losses import (adversarial_loss, affine_losses, critic_loss, distillation_loss, similarity_loss,
                      smoothness_loss)
 from .networks import CascadedRegistration, Critic
+from .progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def cache_teacher_flows(teacher: CascadedRegistration, pairs: pd.DataFrame, imag
     """Compute the teacher's composed field for every pair once and store it as float16."""
     teacher = teacher.to(device).eval()
     flows = []
-    for row in tqdm(list(pairs.itertuples()), desc="teacher fields", mininterval=5, file=_log_stream()):
+    for row in progress(list(pairs.itertuples()), desc="teacher fields", logger=__name__):
         out = teacher(images[row.moving].to(device), images[row.fixed].to(device))
         flows.append(out["flow"][0].to("cpu", torch.float16))
     grid = tuple(next(iter(images.values())).shape[2:])
@@ -104,22 +104,6 @@ def cache_teacher_flows(teacher: CascadedRegistration, pairs: pd.DataFrame, imag
                "flows": torch.stack(flows) if flows else torch.zeros(0, 3, *grid, dtype=torch.float16)}
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
-
-
-class _LogStream:
-    """tqdm writes its bar here; it becomes log lines (rate and ETA in each)."""
-
-    def write(self, text):
-        text = text.strip()
-        if text:
-            log.info(text)
-
-    def flush(self):
-        pass
-
-
-def _log_stream():
-    return _LogStream()
 
 
 def _loss_terms(model, out, moving, fixed, cfg: TrainConfig, teacher_flow=None, critic=None):
@@ -145,7 +129,7 @@ def _loss_terms(model, out, moving, fixed, cfg: TrainConfig, teacher_flow=None, 
 
 
 def train(model: CascadedRegistration, pairs: pd.DataFrame, images: dict, cfg: TrainConfig, checkpoint_path,
-          flow_cache: FlowCache | None = None, device: str = "cpu", progress: bool = True):
+          flow_cache: FlowCache | None = None, device: str = "cpu", show_progress: bool = True):
     """Train ``model`` on ``pairs`` (columns pair_id, moving, fixed); resumes from
     ``checkpoint_path`` if it exists. Returns (model, loss log frame, critic or None)."""
     if pairs.empty:
@@ -174,8 +158,8 @@ def train(model: CascadedRegistration, pairs: pd.DataFrame, images: dict, cfg: T
         log.info("resumed from %s at step %d", checkpoint_path, start)
     grid = next(iter(images.values())).shape[2:]
     records = pairs.to_dict("records")
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", mininterval=10,
-               file=_log_stream(), disable=not progress)
+    bar = progress(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", logger=__name__,
+                   disable=not show_progress)
     t0 = time.perf_counter()
     for step in bar:
         # the batch depends only on (seed, step): a resumed run sees the same pairs

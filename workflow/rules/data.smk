@@ -5,7 +5,7 @@ rule make_synthetic_cohort:
         f"{RESULTS}/logs/make_synthetic_cohort.log",
     benchmark:
         f"{RESULTS}/benchmarks/make_synthetic_cohort.tsv"
-    threads: 2
+    threads: workflow.cores
     resources:
         mem_mb=2000,
     conda:
@@ -42,7 +42,7 @@ rule preprocess:
         f"{RESULTS}/logs/preprocess.log",
     benchmark:
         f"{RESULTS}/benchmarks/preprocess.tsv"
-    threads: 2
+    threads: workflow.cores
     resources:
         mem_mb=4000,
     conda:

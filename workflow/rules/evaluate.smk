@@ -40,3 +40,15 @@ rule time_cpu:
         "../../envs/ldreg.yaml"
     script:
         "../scripts/time_cpu.py"
+
+
+rule benchmark_core:
+    output:
+        f"{RESULTS}/benchmarks/core.csv",
+    log:
+        f"{RESULTS}/logs/benchmark_core.log",
+    threads: workflow.cores
+    conda:
+        "../../envs/ldreg.yaml"
+    script:
+        "../scripts/benchmark_core.py"

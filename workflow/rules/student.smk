@@ -15,7 +15,7 @@ rule train_student:
         f"{RESULTS}/logs/train_student_{{variant}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/train_student_{{variant}}.tsv"
-    threads: 1
+    threads: workflow.cores
     resources:
         mem_mb=4000,
         gpu=0,

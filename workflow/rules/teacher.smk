@@ -12,7 +12,9 @@ rule train_teacher:
         f"{RESULTS}/logs/train_teacher.log",
     benchmark:
         f"{RESULTS}/benchmarks/train_teacher.tsv"
-    threads: 2
+    # compute-bound: the job takes every core it is given (capped at the machine's), and jobs
+    # that would only fight over the same cores wait
+    threads: workflow.cores
     resources:
         mem_mb=6000,
         gpu=0,
@@ -33,7 +35,7 @@ rule cache_teacher_flows:
         f"{RESULTS}/logs/cache_teacher_flows.log",
     benchmark:
         f"{RESULTS}/benchmarks/cache_teacher_flows.tsv"
-    threads: 2
+    threads: workflow.cores
     resources:
         mem_mb=4000,
     conda:

@@ -1,0 +1,79 @@
+"""The whole DAG on a tiny config, the linter, and the SLURM profile (dry run)."""
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "tests" / "tiny_config.yaml"
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile")]
+
+
+def _run(args, cwd, timeout=600):
+    proc = subprocess.run(SNAKEMAKE + args, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("run")
+    _run(["--cores", "2", "--configfile", str(TINY), "--config", f"results_dir={work}/results",
+          f"resources_dir={work}/resources", "all"], cwd=work, timeout=900)
+    return work / "results"
+
+
+def test_every_table_and_figure_exists_with_sane_values(tiny_run):
+    for stem in ("accuracy", "speed", "ablation"):
+        assert (tiny_run / "tables" / f"{stem}.csv").exists() and (tiny_run / "tables" / f"{stem}.md").exists()
+    for name in ("qualitative", "dice_boxplot", "accuracy_vs_time", "training_curves"):
+        assert (tiny_run / "figures" / f"{name}.png").stat().st_size > 10_000
+    acc = pd.read_csv(tiny_run / "tables" / "accuracy.csv").set_index("method")
+    assert set(acc.index) >= {"identity", "affine", "teacher", "student_unsupervised", "student_distill", "student_aldk"}
+    assert acc.dice_mean.between(0, 1).all()
+    assert acc.loc["teacher", "dice_mean"] > acc.loc["identity", "dice_mean"]
+    assert acc.loc["student_aldk", "dice_mean"] > acc.loc["identity", "dice_mean"]
+    assert (acc.folding_percent >= 0).all() and acc.seed.eq(1).all()
+    speed = pd.read_csv(tiny_run / "tables" / "speed.csv")
+    assert (speed.seconds > 0).all() and set(speed.threads) >= {1}
+    ablation = pd.read_csv(tiny_run / "tables" / "ablation.csv")
+    assert list(ablation.variant) == ["unsupervised", "distill", "aldk"]
+    losses = pd.read_csv(tiny_run / "training" / "student_aldk_loss.csv")
+    assert {"critic", "wasserstein", "adversarial"} <= set(losses.columns)
+    assert (tiny_run / "logs" / "train_teacher.log").read_text().count("it/s") > 0
+    assert (tiny_run / "benchmarks" / "train_teacher.tsv").exists()
+
+
+def test_forcing_one_variant_reruns_only_it_and_its_dependents(tiny_run):
+    work = tiny_run.parent
+    proc = _run(["-n", "--cores", "2", "--configfile", str(TINY), "--config", f"results_dir={work}/results",
+                 f"resources_dir={work}/resources", "--forcerun", str(tiny_run / "models" / "student_distill.pt"), "all"],
+                cwd=work)
+    out = proc.stdout + proc.stderr
+    assert "train_student" in out and "train_teacher" not in out
+    assert "student_aldk" not in out.split("Job stats")[0] or "wildcards: variant=aldk" not in out
+
+
+def test_config_errors_are_reported_at_start(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("teacher: {cascades: 0}\nunknown_key: 1\n")
+    proc = subprocess.run(SNAKEMAKE + ["-n", "--configfile", str(bad)], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "unknown_key" in proc.stderr + proc.stdout or "cascades" in proc.stderr + proc.stdout
+
+
+def test_lint_passes():
+    proc = subprocess.run(SNAKEMAKE + ["--lint"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("snakemake_executor_plugin_slurm") is None,
+                    reason="snakemake-executor-plugin-slurm not installed ([slurm] extra)")
+def test_slurm_profile_dry_run(tmp_path):
+    _run(["-n", "--workflow-profile", str(ROOT / "workflow" / "profiles" / "slurm"), "--configfile", str(TINY),
+          "--config", f"results_dir={tmp_path}/results", f"resources_dir={tmp_path}/resources", "all"], cwd=tmp_path)
