@@ -175,3 +175,14 @@ def test_folder_without_matching_labels(tmp_path):
     _save(tmp_path / "a.nii.gz", np.random.rand(8, 8, 8).astype(np.float32))
     with pytest.raises(InputError, match="label map"):
         folder_subjects(tmp_path, "*.nii.gz", r"a\.nii", "a_seg.nii")
+
+
+def test_atomic_outputs_get_ordinary_permissions(tmp_path):
+    import os
+
+    from ldreg.io import write_csv
+
+    write_csv(pd.DataFrame({"a": [1]}), tmp_path / "x.csv")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "x.csv").stat().st_mode & 0o777 == 0o666 & ~umask

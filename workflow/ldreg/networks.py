@@ -56,13 +56,18 @@ class DenseNet(nn.Module):
     concatenates the matching skip and convolves, ending in a 3-channel flow conv at full
     resolution whose weights start near zero (a near-identity initial field)."""
 
-    def __init__(self, enc_channels, dec_channels=None, flow_scale: float = 1.0):
+    def __init__(self, enc_channels, dec_channels=None, flow_scale: float = 1.0, half_res_flow: bool = False):
         super().__init__()
         enc_channels = list(enc_channels)
         self.depth = len(enc_channels)
         dec_channels = list(dec_channels or enc_channels[::-1])
         if len(dec_channels) != self.depth:
             raise ValueError(f"dec_channels needs {self.depth} entries, got {dec_channels}")
+        # half_res_flow: stop the decoder at half resolution and upsample the 3-channel field
+        # instead of features -- the full-resolution convolutions are most of the FLOPs
+        self.half_res_flow = half_res_flow
+        if half_res_flow:
+            dec_channels = dec_channels[:-1]
         chans = [2] + enc_channels
         self.encoders = nn.ModuleList(_conv(chans[i], chans[i + 1], stride=2) for i in range(self.depth))
         # decoder level k upsamples to the resolution of encoder level depth-2-k (or the input)
@@ -89,19 +94,23 @@ class DenseNet(nn.Module):
             skip = skips.pop()
             x = F.interpolate(x, size=skip.shape[2:], mode="trilinear", align_corners=False)
             x = dec(torch.cat([x, skip], 1))
-        return self.flow(x) * self.flow_scale
+        flow = self.flow(x) * self.flow_scale
+        if self.half_res_flow:  # the field is in full-resolution voxels already; only resample it
+            flow = F.interpolate(flow, size=moving.shape[2:], mode="trilinear", align_corners=False)
+        return flow
 
 
 @dataclass
 class CascadeSpec:
     """Everything needed to rebuild a cascaded network; stored in model files."""
 
-    kind: str  # "teacher" (RCN) or "student" (LDR)
+    kind: str  # "teacher" (RCN), "student" (LDR) or "voxelmorph" (peer baseline)
     cascades: int = 1
     width: int = 16
     depth: int = 4
     affine: bool = True
     affine_width: int = 16
+    half_res_flow: bool = False  # student: predict the field at half resolution, upsample it
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -116,7 +125,33 @@ def dense_channels(kind: str, width: int, depth: int):
     if kind == "student":
         enc = [width] + [2 * width] * (depth - 1)
         return enc, [2 * width] * (depth - 1) + [width]
-    raise ValueError(f"unknown network kind {kind!r}: expected 'teacher' or 'student'")
+    raise ValueError(f"unknown network kind {kind!r}: expected 'teacher', 'student' or 'voxelmorph'")
+
+
+class VoxelMorphStage(nn.Module):
+    """The VoxelMorph peer (Balakrishnan et al. / Dalca et al.): MONAI's VoxelMorph U-Net
+    predicting a stationary velocity field, integrated by scaling and squaring."""
+
+    def __init__(self, width: int, depth: int):
+        super().__init__()
+        from monai.networks.blocks import DVF2DDF
+        from monai.networks.nets import VoxelMorphUNet
+
+        self.depth = depth
+        channels = tuple([width, 2 * width] + [2 * width] * (2 * depth - 2))  # MONAI wants pairs
+        self.backbone = VoxelMorphUNet(3, 2, 2 * width, channels, (width, width))
+        self.integrate = DVF2DDF(num_steps=7, mode="bilinear", padding_mode="border")
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        check_divisible("VoxelMorph input", moving.shape[2:], 2**self.depth)
+        return self.integrate(self.backbone(torch.cat([moving, fixed], 1)))
+
+
+def make_stage(spec: "CascadeSpec") -> nn.Module:
+    if spec.kind == "voxelmorph":
+        return VoxelMorphStage(spec.width, spec.depth)
+    enc, dec = dense_channels(spec.kind, spec.width, spec.depth)
+    return DenseNet(enc, dec, half_res_flow=spec.half_res_flow)
 
 
 class CascadedRegistration(nn.Module):
@@ -131,8 +166,7 @@ class CascadedRegistration(nn.Module):
             raise ValueError(f"cascades must be between 1 and 20, got {spec.cascades}")
         self.spec = spec
         self.affine = AffineNet(spec.affine_width) if spec.affine else None
-        enc, dec = dense_channels(spec.kind, spec.width, spec.depth)
-        self.stages = nn.ModuleList(DenseNet(enc, dec) for _ in range(spec.cascades))
+        self.stages = nn.ModuleList(make_stage(spec) for _ in range(spec.cascades))
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor, upto: int | None = None) -> dict:
         """Returns ``fields`` (one per stage: the affine first when present), ``flow`` (the

@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 
 from . import data as data_mod
+from . import peers
 from .evaluate import evaluate_pairs, flow_predictor
 from .io import InputError, write_csv
 from .modelfile import load_model, save_model
@@ -148,6 +149,14 @@ def train_student(config, variant, subjects_csv, pairs_csv, flow_cache, model_ou
                   checkpoint, flow_cache if uses_teacher else None)
 
 
+def train_voxelmorph(config, subjects_csv, pairs_csv, model_out, loss_csv, checkpoint) -> None:
+    """The VoxelMorph peer, with the students' data and step budget unless overridden."""
+    peer = config["peers"]["voxelmorph"]
+    spec = CascadeSpec(kind="voxelmorph", cascades=1, width=peer["width"], depth=peer["depth"], affine=False)
+    train_cfg = {**config["students"].get("defaults", {}).get("train", {}), **peer.get("train", {})}
+    _run_training("peer_voxelmorph", spec, train_cfg, config, subjects_csv, pairs_csv, model_out, loss_csv, checkpoint)
+
+
 def cache_flows(config, teacher_path, subjects_csv, pairs_csv, out) -> None:
     images, pairs = _train_inputs(subjects_csv, pairs_csv)
     model, _, _ = load_model(teacher_path)
@@ -161,8 +170,16 @@ def evaluate(config, method: str, model_path, subjects_csv, pairs_csv, per_pair_
     """``method`` is 'identity', 'affine' (the teacher's affine stage) or a model name."""
     subjects, pairs = pd.read_csv(subjects_csv), pd.read_csv(pairs_csv)
     test = pairs[pairs.split == "test"]
-    kind = method if method in ("identity", "affine") else "model"
-    predict = flow_predictor(kind, model_path, str(device_for(config.get("device", "auto"))))
+    if method == "peer_ants_syn":
+        if not peers.ANTS_AVAILABLE:
+            log.warning(peers.ants_missing_note())
+            write_csv(pd.DataFrame([{"method": method, "note": peers.ants_missing_note()}]), per_pair_csv)
+            write_csv(pd.DataFrame(columns=["method", "pair_id", "label", "dice"]), per_label_csv)
+            return
+        predict = peers.ants_predictor(config["preprocessing"]["spacing_mm"], torch.get_num_threads())
+    else:
+        kind = method if method in ("identity", "affine") else "model"
+        predict = flow_predictor(kind, model_path, str(device_for(config.get("device", "auto"))))
     per_pair, per_label = evaluate_pairs(method, predict, subjects, test, config["preprocessing"]["spacing_mm"],
                                          config["evaluation"]["hd95"])
     write_csv(per_pair, per_pair_csv)
@@ -177,6 +194,20 @@ def time_cpu(config, model_path, out_csv, threads: int) -> None:
     write_csv(pd.DataFrame(rows), out_csv)
 
 
+def time_ants(config, out_csv, threads: int) -> None:
+    """ANTs SyN per pair at the default grid (128^3 SyN would take minutes a run: left out)."""
+    if not peers.ANTS_AVAILABLE:
+        write_csv(pd.DataFrame([{"note": peers.ants_missing_note()}]), out_csv)
+        return
+    t, grid = config["timing"], tuple(config["preprocessing"]["grid"])
+    rows = []
+    for n in sorted({1, max(1, min(threads, os.cpu_count() or 1))}):
+        res = peers.time_ants(grid, config["preprocessing"]["spacing_mm"], n, max(1, t["repeats"] // 2), 0)
+        rows.append({"grid": "x".join(map(str, grid)), "threads": n, "parameters": 0, "gflops": np.nan,
+                     "repeats": max(1, t["repeats"] // 2), **res})
+    write_csv(pd.DataFrame(rows), out_csv)
+
+
 # ----------------------------------------------------------------------------------- report
 
 
@@ -186,6 +217,7 @@ def tables(config, eval_csvs: dict, timing_csvs: dict, model_paths: dict, out_di
     speed = speed[["method"] + [c for c in speed.columns if c != "method"]]
     grid = tuple(config["preprocessing"]["grid"])
     params = {m: complexity(load_model(p)[0], grid)["parameters"] for m, p in model_paths.items()}
+    params["identity"] = params["peer_ants_syn"] = 0
     params["affine"] = sum(x.numel() for x in load_model(model_paths["teacher"])[0].affine.parameters())
     accuracy = accuracy_table(evals, speed, params)
     out_dir = Path(out_dir)

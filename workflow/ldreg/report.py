@@ -31,24 +31,33 @@ def _pm(values) -> str:
 def accuracy_table(evals: pd.DataFrame, speed: pd.DataFrame, params: dict) -> pd.DataFrame:
     """One row per method: parameters, Dice mean ± sd, HD95, % |J|<=0, SDlogJ, EPE, CPU s/pair."""
     rows = []
-    cpu = speed[(speed.grid == speed.grid.iloc[0]) & (speed.threads == 1)].set_index("method")["seconds"] if len(speed) else {}
+    timed = speed.dropna(subset=["seconds"]) if "seconds" in speed else speed.iloc[0:0]
+    cpu = timed[(timed.grid == timed.grid.iloc[0]) & (timed.threads == 1)].set_index("method")["seconds"] if len(timed) else {}
     for method, g in evals.groupby("method", sort=False):
+        if "dice" not in g or g["dice"].isna().all() and "note" in g and g["note"].notna().any():
+            rows.append({"method": method, "note": g["note"].dropna().iloc[0]})
+            continue
         row = {"method": method, "parameters": params.get(method, 0), "dice": _pm(g.get("dice", [])),
                "dice_mean": g["dice"].mean() if "dice" in g else np.nan,
                "hd95_mm": g["hd95_mm"].mean() if "hd95_mm" in g else np.nan,
                "folding_percent": 100 * g.folding_fraction.mean(), "sdlogj": g.sdlogj.mean()}
         if "epe_mean_mm" in g:
             row["epe_mm"] = g.epe_mean_mm.mean()
-        row["cpu_s_per_pair"] = cpu.get(method, np.nan) if len(speed) else np.nan
+        row["cpu_s_per_pair"] = cpu.get(method, np.nan) if len(cpu) else np.nan
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def speed_table(speed: pd.DataFrame, teacher: str = "teacher") -> pd.DataFrame:
-    """CPU timing per method, grid and threads, with the speed-up over the teacher."""
-    out = speed.copy()
-    ref = out[out.method == teacher].set_index(["grid", "threads"])["seconds"]
-    out["speedup_over_teacher"] = [ref.get((g, t), np.nan) / s for g, t, s in zip(out.grid, out.threads, out.seconds)]
+def speed_table(speed: pd.DataFrame, teacher: str = "teacher", student: str = "student_aldk") -> pd.DataFrame:
+    """CPU timing per method, grid and threads, with the speed-up over the teacher and each
+    method's time as a ratio to the ALDK student's (same grid and threads, same run)."""
+    out = speed.copy()  # rows of skipped peers keep their note
+    for name, ref_method in (("speedup_over_teacher", teacher), ("time_ratio_to_aldk_student", student)):
+        ref = out[out.method == ref_method].set_index(["grid", "threads"])["seconds"]
+        if name == "speedup_over_teacher":
+            out[name] = [ref.get((g, t), np.nan) / s for g, t, s in zip(out.grid, out.threads, out.seconds)]
+        else:
+            out[name] = [s / ref.get((g, t), np.nan) for g, t, s in zip(out.grid, out.threads, out.seconds)]
     return out
 
 

@@ -3,8 +3,15 @@ RESULTS = config["results_dir"]
 RESOURCES = config["resources_dir"]
 # a variant set to null in a later --configfile is switched off
 VARIANTS = [v for v, s in config["students"]["variants"].items() if s is not None]
-MODELS = ["teacher"] + [f"student_{v}" for v in VARIANTS]
-METHODS = ["identity", "affine"] + MODELS
+PEERS = config["peers"]
+MODELS = (
+    ["teacher"]
+    + [f"student_{v}" for v in VARIANTS]
+    + (["peer_voxelmorph"] if PEERS["voxelmorph"]["enabled"] else [])
+)
+# ANTs has no model file: evaluated and timed by rules of its own kind
+TIMED = MODELS + (["peer_ants_syn"] if PEERS["ants_syn"]["enabled"] else [])
+METHODS = ["identity", "affine"] + TIMED
 
 
 wildcard_constraints:
@@ -38,3 +45,9 @@ def student_uses_teacher(variant):
         **(students["variants"][variant] or {}).get("train", {}),
     }
     return train.get("distillation", "none") != "none" or train.get("adversarial", False)
+
+
+def method_model(wildcards):
+    if wildcards.method in ("identity", "peer_ants_syn"):
+        return []
+    return model_file("teacher" if wildcards.method == "affine" else wildcards.method)

@@ -1,10 +1,5 @@
-def method_model(wildcards):
-    if wildcards.method == "identity":
-        return []
-    return model_file("teacher" if wildcards.method == "affine" else wildcards.method)
-
-
 rule evaluate:
+    # ANTs registers with the threads it is given (ITK); the networks' evaluation is numpy-bound
     input:
         model=method_model,
         subjects=rules.preprocess.output.subjects,
@@ -16,13 +11,27 @@ rule evaluate:
         f"{RESULTS}/logs/evaluate_{{method}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/evaluate_{{method}}.tsv"
-    threads: 1
+    threads: lambda wildcards: workflow.cores if wildcards.method == "peer_ants_syn" else 1
     resources:
         mem_mb=3000,
     conda:
         "../../envs/ldreg.yaml"
     script:
         "../scripts/evaluate.py"
+
+
+rule time_ants:
+    output:
+        timing=f"{RESULTS}/timing/peer_ants_syn.csv",
+    log:
+        f"{RESULTS}/logs/time_cpu_peer_ants_syn.log",
+    threads: workflow.cores
+    resources:
+        mem_mb=4000,
+    conda:
+        "../../envs/ldreg.yaml"
+    script:
+        "../scripts/time_ants.py"
 
 
 rule time_cpu:

@@ -1,7 +1,7 @@
 rule tables:
     input:
         evals=expand(f"{RESULTS}/eval/{{method}}_pairs.csv", method=METHODS),
-        timings=expand(f"{RESULTS}/timing/{{model}}.csv", model=MODELS),
+        timings=expand(f"{RESULTS}/timing/{{model}}.csv", model=TIMED),
         models=expand(model_file("{model}"), model=MODELS),
     output:
         report(
@@ -11,7 +11,7 @@ rule tables:
         report(multiext(f"{RESULTS}/tables/speed", ".csv", ".md"), category="Tables"),
         report(multiext(f"{RESULTS}/tables/ablation", ".csv", ".md"), category="Tables"),
     params:
-        out_dir=f"{RESULTS}/tables",
+        out_dir=lambda wildcards, output: os.path.dirname(output[0]),
     log:
         f"{RESULTS}/logs/tables.log",
     conda:
@@ -25,7 +25,8 @@ rule figures:
         evals=expand(f"{RESULTS}/eval/{{method}}_pairs.csv", method=METHODS),
         accuracy=f"{RESULTS}/tables/accuracy.csv",
         losses=[rules.train_teacher.output.losses]
-        + expand(f"{RESULTS}/training/student_{{variant}}_loss.csv", variant=VARIANTS),
+        + expand(f"{RESULTS}/training/student_{{variant}}_loss.csv", variant=VARIANTS)
+        + expand(f"{RESULTS}/training/{{model}}_loss.csv", model=[m for m in MODELS if m.startswith("peer_")]),
         models=expand(model_file("{model}"), model=MODELS),
         subjects=rules.preprocess.output.subjects,
         pairs=rules.preprocess.output.pairs,
@@ -38,7 +39,7 @@ rule figures:
             category="Figures",
         ),
     params:
-        out_dir=f"{RESULTS}/figures",
+        out_dir=lambda wildcards, output: os.path.dirname(output[0]),
     log:
         f"{RESULTS}/logs/figures.log",
     conda:

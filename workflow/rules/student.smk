@@ -23,3 +23,27 @@ rule train_student:
         "../../envs/ldreg.yaml"
     script:
         "../scripts/train_student.py"
+
+
+rule train_voxelmorph:
+    input:
+        subjects=rules.preprocess.output.subjects,
+        pairs=rules.preprocess.output.pairs,
+    output:
+        model=model_file("peer_voxelmorph"),
+        losses=f"{RESULTS}/training/peer_voxelmorph_loss.csv",
+    params:
+        checkpoint=f"{RESULTS}/checkpoints/peer_voxelmorph.ckpt",
+        settings=PEERS["voxelmorph"],
+    log:
+        f"{RESULTS}/logs/train_voxelmorph.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/train_voxelmorph.tsv"
+    threads: workflow.cores
+    resources:
+        mem_mb=4000,
+        gpu=0,
+    conda:
+        "../../envs/ldreg.yaml"
+    script:
+        "../scripts/train_voxelmorph.py"

@@ -1,0 +1,60 @@
+"""What users would pick instead, measured on the same pairs and CPU: ANTs SyN (antspyx).
+
+VoxelMorph is a network kind of its own (``CascadeSpec(kind="voxelmorph")``, MONAI's
+VoxelMorph U-Net with diffeomorphic integration) and is trained, evaluated and timed by the
+same code as the students. ANTs is optical-flow-free iterative optimisation: no model file, so
+it gets its own predictor and timing here."""
+from __future__ import annotations
+
+import importlib.util
+import statistics
+import time
+
+import numpy as np
+import torch
+
+ANTS_AVAILABLE = importlib.util.find_spec("ants") is not None
+
+
+def ants_missing_note() -> str:
+    return "skipped: antspyx is not installed (pip install -e '.[peers]')"
+
+
+def ants_syn_field(moving: np.ndarray, fixed: np.ndarray, spacing: float, threads: int = 1) -> np.ndarray:
+    """Displacement (3, D, H, W) in voxels from ANTs SyN (with its affine initialisation): the
+    fixed grid's voxel coordinates are pushed through ANTs' own transform chain."""
+    import os
+
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)
+    import ants
+
+    as_ants = lambda a: ants.from_numpy(np.ascontiguousarray(a, dtype=np.float32), spacing=(spacing,) * 3)
+    reg = ants.registration(fixed=as_ants(fixed), moving=as_ants(moving), type_of_transform="SyN", random_seed=0)
+    grid = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float32) for s in fixed.shape], indexing="ij"))
+    coords = [ants.apply_transforms(fixed=as_ants(fixed), moving=as_ants(grid[i]), transformlist=reg["fwdtransforms"],
+                                    interpolator="linear").numpy() for i in range(3)]
+    return (np.stack(coords) - grid).astype(np.float32)
+
+
+def ants_predictor(spacing: float, threads: int = 1):
+    def predict(moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        field = ants_syn_field(moving[0, 0].numpy(), fixed[0, 0].numpy(), spacing, threads)
+        return torch.from_numpy(field)[None]
+
+    return predict
+
+
+def time_ants(grid, spacing: float, threads: int, repeats: int, warmup: int) -> dict:
+    """Median seconds of one SyN registration of a smooth random pair on ``grid``."""
+    rng = np.random.default_rng(0)
+    from scipy import ndimage
+
+    make = lambda: ndimage.gaussian_filter(rng.random(grid), 2).astype(np.float32)
+    moving, fixed = make(), make()
+    times = []
+    for i in range(warmup + repeats):
+        t0 = time.perf_counter()
+        ants_syn_field(moving, fixed, spacing, threads)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return {"seconds": statistics.median(times), "seconds_min": min(times)}
