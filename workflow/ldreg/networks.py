@@ -37,7 +37,10 @@ class AffineNet(nn.Module):
         features = self.encoder(torch.cat([moving, fixed], 1)).mean(dim=(2, 3, 4))
         params = self.head(features).view(-1, 3, 4)
         matrix = torch.eye(3, device=params.device, dtype=params.dtype) + params[:, :, :3]
-        return matrix, params[:, :, 3]
+        # translation in units of the half grid size, so that it moves as fast as the matrix
+        # entries do under the optimiser (in raw voxels it would crawl)
+        half = torch.tensor([s / 2 for s in moving.shape[2:]], device=params.device, dtype=params.dtype)
+        return matrix, params[:, :, 3] * half
 
 
 def affine_field(matrix: torch.Tensor, translation: torch.Tensor, shape) -> torch.Tensor:

@@ -30,9 +30,16 @@ def ants_syn_field(moving: np.ndarray, fixed: np.ndarray, spacing: float, thread
 
     as_ants = lambda a: ants.from_numpy(np.ascontiguousarray(a, dtype=np.float32), spacing=(spacing,) * 3)
     reg = ants.registration(fixed=as_ants(fixed), moving=as_ants(moving), type_of_transform="SyN", random_seed=0)
+    # coordinate images on a grid grown by a margin, so points mapped just outside the volume
+    # still read their (linear, hence exactly extended) coordinate instead of ANTs' fill value
+    margin = 16
+    axes = [np.arange(-margin, s + margin, dtype=np.float32) for s in fixed.shape]
+    big = np.stack(np.meshgrid(*axes, indexing="ij"))
+    origin = (-margin * spacing,) * 3
+    coords = [ants.apply_transforms(fixed=as_ants(fixed), transformlist=reg["fwdtransforms"], interpolator="linear",
+                                    moving=ants.from_numpy(np.ascontiguousarray(big[i]), origin=origin, spacing=(spacing,) * 3)
+                                    ).numpy() for i in range(3)]
     grid = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float32) for s in fixed.shape], indexing="ij"))
-    coords = [ants.apply_transforms(fixed=as_ants(fixed), moving=as_ants(grid[i]), transformlist=reg["fwdtransforms"],
-                                    interpolator="linear").numpy() for i in range(3)]
     return (np.stack(coords) - grid).astype(np.float32)
 
 

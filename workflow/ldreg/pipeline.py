@@ -261,9 +261,10 @@ def run_job(log_path, threads, job, *args, **kwargs) -> None:
         raise SystemExit(f"error: {exc}") from None
 
 
-def benchmark_core(out_csv) -> None:
+def benchmark_core(config, out_csv) -> None:
     from .benchmark import core_benchmark
 
-    frame = core_benchmark()
+    b = config["benchmark"]
+    frame = core_benchmark(b["repeats"], tuple(b["grid"]))
     log.info("\n%s", frame.to_string(index=False))
     write_csv(frame, out_csv)

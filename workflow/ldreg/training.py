@@ -36,6 +36,7 @@ class TrainConfig:
     distillation: str = "none"  # none | l2 | epe
     distillation_weight: float = 0.0
     adversarial: bool = False
+    adversarial_weight: float = 1.0  # scales the (1 - gamma) adversarial term; 1 is the paper's loss
     gamma: float = 0.3
     beta: float | None = 0.1
     gp_weight: float = 0.1
@@ -121,7 +122,7 @@ def _loss_terms(model, out, moving, fixed, cfg: TrainConfig, teacher_flow=None, 
     if cfg.adversarial:
         # ALDK: gamma * (1 - CorrCoef) + (1 - gamma) * adversarial
         terms["adversarial"] = adversarial_loss(critic, out["flow"])
-        total = total + cfg.gamma * terms["similarity"] + (1 - cfg.gamma) * terms["adversarial"]
+        total = total + cfg.gamma * terms["similarity"] + cfg.adversarial_weight * (1 - cfg.gamma) * terms["adversarial"]
     else:
         total = total + cfg.similarity_weight * terms["similarity"]
     terms["loss"] = total
