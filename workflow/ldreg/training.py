@@ -180,7 +180,7 @@ def train(model: CascadedRegistration, pairs: pd.DataFrame, images: dict, cfg: T
                 critic_opt.zero_grad(set_to_none=True)
                 d_loss.backward()
                 critic_opt.step()
-            row["critic"], row["wasserstein"] = float(d_loss), float(wasserstein)
+            row["critic"], row["wasserstein"] = float(d_loss.detach()), float(wasserstein.detach())
         out = model(moving, fixed)
         terms = _loss_terms(model, out, moving, fixed, cfg, teacher_flow, critic)
         optimiser.zero_grad(set_to_none=True)
