@@ -1,6 +1,4 @@
-import gzip
 import hashlib
-import io
 import tarfile
 
 import nibabel as nib

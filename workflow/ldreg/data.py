@@ -6,7 +6,6 @@ import hashlib
 import importlib.util
 import logging
 import re
-import shutil
 import tarfile
 import urllib.error
 import urllib.request
@@ -22,7 +21,7 @@ import torch
 from nibabel.processing import resample_from_to
 from scipy import ndimage
 
-from .io import InputError, atomic_path, check_same_grid, load_volume, save_volume, write_csv
+from .io import InputError, check_same_grid, load_volume, save_volume, write_csv
 from .warp import compose, integrate_velocity, warp_image, warp_labels
 
 log = logging.getLogger(__name__)
@@ -402,6 +401,3 @@ def preprocess_cohort(raw: pd.DataFrame, out_dir, prep: Preprocessing, fractions
     pairs = make_pairs(subjects, n_train_pairs, test_mode, max_test_pairs, seed)
     return subjects, pairs
 
-
-def remove_tree(path) -> None:
-    shutil.rmtree(path, ignore_errors=True)

@@ -5,7 +5,7 @@ predicts a transform starts at (or next to) the identity so training begins from
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
