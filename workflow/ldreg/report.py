@@ -128,6 +128,8 @@ def _grid_lines(ax, field2d, step=4):
         ax.plot(px[i], py[i], color="y", lw=0.5)
     for j in range(0, w, step):
         ax.plot(px[:, j], py[:, j], color="y", lw=0.5)
+    ax.set_xlim(-0.5, w - 0.5)  # lines leaving the volume must not widen the panel
+    ax.set_ylim(-0.5, h - 0.5)
 
 
 def qualitative_panel(moving, fixed, fixed_labels, results: dict, path) -> None:
