@@ -2,25 +2,13 @@
 Dice over 116 labels on a 128^3 pair on one thread, and student forward passes with FLOPs."""
 from __future__ import annotations
 
-import statistics
-import time
-
 import numpy as np
 import pandas as pd
 import torch
 
 from .metrics import dice_per_label
 from .networks import CascadeSpec, build_network, complexity
-
-
-def _median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from .timing import time_calls
 
 
 def core_benchmark(repeats: int = 5, grid=(128, 128, 128)) -> pd.DataFrame:
@@ -29,13 +17,13 @@ def core_benchmark(repeats: int = 5, grid=(128, 128, 128)) -> pd.DataFrame:
     a = rng.integers(0, 117, grid).astype(np.int32)
     b = rng.integers(0, 117, grid).astype(np.int32)
     rows = [{"benchmark": "dice_116_labels", "grid": "x".join(map(str, grid)), "threads": 1,
-             "seconds": _median_seconds(lambda: dice_per_label(a, b), repeats), "target_seconds": 1.0, "gflops": np.nan}]
+             "seconds": time_calls(lambda: dice_per_label(a, b), repeats)["seconds"], "target_seconds": 1.0, "gflops": np.nan}]
     for cascades in (1, 3):
         model = build_network(CascadeSpec(kind="student", cascades=cascades, affine=True, affine_width=8)).eval()
         x, y = torch.rand(1, 1, *grid), torch.rand(1, 1, *grid)
         info = complexity(model, grid)
         with torch.inference_mode():
-            seconds = _median_seconds(lambda: model(x, y), max(1, repeats // 2))
+            seconds = time_calls(lambda: model(x, y), max(1, repeats // 2))["seconds"]
         rows.append({"benchmark": f"student_forward_{cascades}_cascade", "grid": "x".join(map(str, grid)), "threads": 1,
                      "seconds": seconds, "target_seconds": np.nan, "gflops": info["flops"] / 1e9,
                      "parameters": info["parameters"]})

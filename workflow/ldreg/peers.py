@@ -2,16 +2,18 @@
 
 VoxelMorph is a network kind of its own (``CascadeSpec(kind="voxelmorph")``, MONAI's
 VoxelMorph U-Net with diffeomorphic integration) and is trained, evaluated and timed by the
-same code as the students. ANTs is optical-flow-free iterative optimisation: no model file, so
-it gets its own predictor and timing here."""
+same code as the students. ANTs is iterative optimisation with no model file, so it gets its
+own predictor and timing here."""
 from __future__ import annotations
 
 import importlib.util
-import statistics
-import time
+import os
 
 import numpy as np
 import torch
+
+from .timing import time_calls
+from .warp import identity_grid
 
 ANTS_AVAILABLE = importlib.util.find_spec("ants") is not None
 
@@ -23,8 +25,6 @@ def ants_missing_note() -> str:
 def ants_syn_field(moving: np.ndarray, fixed: np.ndarray, spacing: float, threads: int = 1) -> np.ndarray:
     """Displacement (3, D, H, W) in voxels from ANTs SyN (with its affine initialisation): the
     fixed grid's voxel coordinates are pushed through ANTs' own transform chain."""
-    import os
-
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)
     import ants
 
@@ -39,8 +39,7 @@ def ants_syn_field(moving: np.ndarray, fixed: np.ndarray, spacing: float, thread
     coords = [ants.apply_transforms(fixed=as_ants(fixed), transformlist=reg["fwdtransforms"], interpolator="linear",
                                     moving=ants.from_numpy(np.ascontiguousarray(big[i]), origin=origin, spacing=(spacing,) * 3)
                                     ).numpy() for i in range(3)]
-    grid = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float32) for s in fixed.shape], indexing="ij"))
-    return (np.stack(coords) - grid).astype(np.float32)
+    return (np.stack(coords) - identity_grid(fixed.shape).numpy()).astype(np.float32)
 
 
 def ants_predictor(spacing: float, threads: int = 1):
@@ -58,10 +57,4 @@ def time_ants(grid, spacing: float, threads: int, repeats: int, warmup: int) -> 
 
     make = lambda: ndimage.gaussian_filter(rng.random(grid), 2).astype(np.float32)
     moving, fixed = make(), make()
-    times = []
-    for i in range(warmup + repeats):
-        t0 = time.perf_counter()
-        ants_syn_field(moving, fixed, spacing, threads)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return {"seconds": statistics.median(times), "seconds_min": min(times)}
+    return time_calls(lambda: ants_syn_field(moving, fixed, spacing, threads), repeats, warmup)

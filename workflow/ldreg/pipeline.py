@@ -28,6 +28,12 @@ from .warp import warp_image, warp_labels
 log = logging.getLogger("ldreg")
 
 
+def usable_threads(threads) -> int:
+    """Threads a job asked for, capped at the machine's cores: more only adds contention (a run
+    may say --cores 8 on 2 cores)."""
+    return max(1, min(int(threads), os.cpu_count() or 1))
+
+
 def setup_logging(log_path=None, threads: int | None = None) -> None:
     handlers = [logging.StreamHandler(sys.stderr)]
     if log_path:
@@ -37,8 +43,7 @@ def setup_logging(log_path=None, threads: int | None = None) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.captureWarnings(True)
     if threads:
-        # more threads than cores only adds contention (a run may say --cores 8 on 2 cores)
-        torch.set_num_threads(max(1, min(int(threads), os.cpu_count() or 1)))
+        torch.set_num_threads(usable_threads(threads))
 
 
 def preprocessing_from(config: dict) -> data_mod.Preprocessing:
@@ -54,7 +59,7 @@ def make_synthetic(config: dict, out_dir, manifest, threads: int = 1) -> None:
     syn = dict(config["data"]["synthetic"])
     syn["gamma_range"] = tuple(syn["gamma_range"])
     data_mod.make_synthetic_cohort(out_dir, data_mod.SyntheticConfig(seed=config["seed"], **syn),
-                                   min(threads, os.cpu_count() or 1))
+                                   usable_threads(threads))
 
 
 def fetch_dataset(spec: dict, resources_dir, done_flag) -> None:
@@ -85,7 +90,7 @@ def preprocess(config: dict, source_root, out_dir, subjects_csv, pairs_csv, thre
     subjects, pairs = data_mod.preprocess_cohort(
         raw, out_dir, preprocessing_from(config), config["splits"], config["seed"], pairs_cfg["train"],
         pairs_cfg["test_mode"], pairs_cfg.get("max_test"), config["data"].get("label_map"),
-        min(threads, os.cpu_count() or 1))
+        usable_threads(threads))
     write_csv(subjects, subjects_csv)
     write_csv(pairs, pairs_csv)
     log.info("%d subjects (%s), %d pairs", len(subjects), subjects.split.value_counts().to_dict(), len(pairs))
@@ -188,7 +193,7 @@ def evaluate(config, method: str, model_path, subjects_csv, pairs_csv, per_pair_
 
 def time_cpu(config, model_path, out_csv, threads: int) -> None:
     t = config["timing"]
-    counts = sorted({1, max(1, min(threads, os.cpu_count() or 1))})
+    counts = sorted({1, usable_threads(threads)})
     grids = [tuple(config["preprocessing"]["grid"])] + [tuple(g) for g in t["extra_grids"]]
     rows = time_model_grid(model_path, grids, counts, t["repeats"], t["warmup"])
     write_csv(pd.DataFrame(rows), out_csv)
@@ -200,11 +205,11 @@ def time_ants(config, out_csv, threads: int) -> None:
         write_csv(pd.DataFrame([{"note": peers.ants_missing_note()}]), out_csv)
         return
     t, grid = config["timing"], tuple(config["preprocessing"]["grid"])
-    rows = []
-    for n in sorted({1, max(1, min(threads, os.cpu_count() or 1))}):
-        res = peers.time_ants(grid, config["preprocessing"]["spacing_mm"], n, max(1, t["repeats"] // 2), 0)
+    repeats, rows = max(1, t["repeats"] // 2), []
+    for n in sorted({1, usable_threads(threads)}):
+        res = peers.time_ants(grid, config["preprocessing"]["spacing_mm"], n, repeats, 0)
         rows.append({"grid": "x".join(map(str, grid)), "threads": n, "parameters": 0, "gflops": np.nan,
-                     "repeats": max(1, t["repeats"] // 2), **res})
+                     "repeats": repeats, **res})
     write_csv(pd.DataFrame(rows), out_csv)
 
 

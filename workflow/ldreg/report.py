@@ -32,7 +32,7 @@ def accuracy_table(evals: pd.DataFrame, speed: pd.DataFrame, params: dict) -> pd
     timed = speed.dropna(subset=["seconds"]) if "seconds" in speed else speed.iloc[0:0]
     cpu = timed[(timed.grid == timed.grid.iloc[0]) & (timed.threads == 1)].set_index("method")["seconds"] if len(timed) else {}
     for method, g in evals.groupby("method", sort=False):
-        if "dice" not in g or g["dice"].isna().all() and "note" in g and g["note"].notna().any():
+        if "note" in g and g["note"].notna().any():  # a peer that was skipped, and why
             rows.append({"method": method, "note": g["note"].dropna().iloc[0]})
             continue
         row = {"method": method, "parameters": params.get(method, 0), "dice": _pm(g.get("dice", [])),
@@ -50,12 +50,13 @@ def speed_table(speed: pd.DataFrame, teacher: str = "teacher", student: str = "s
     """CPU timing per method, grid and threads, with the speed-up over the teacher and each
     method's time as a ratio to the ALDK student's (same grid and threads, same run)."""
     out = speed.copy()  # rows of skipped peers keep their note
-    for name, ref_method in (("speedup_over_teacher", teacher), ("time_ratio_to_aldk_student", student)):
-        ref = out[out.method == ref_method].set_index(["grid", "threads"])["seconds"]
-        if name == "speedup_over_teacher":
-            out[name] = [ref.get((g, t), np.nan) / s for g, t, s in zip(out.grid, out.threads, out.seconds)]
-        else:
-            out[name] = [s / ref.get((g, t), np.nan) for g, t, s in zip(out.grid, out.threads, out.seconds)]
+
+    def seconds_of(method):  # the method's time on each row's grid and thread count
+        ref = out[out.method == method].set_index(["grid", "threads"])["seconds"]
+        return np.array([ref.get((g, t), np.nan) for g, t in zip(out.grid, out.threads)], dtype=float)
+
+    out["speedup_over_teacher"] = seconds_of(teacher) / out.seconds
+    out["time_ratio_to_aldk_student"] = out.seconds / seconds_of(student)
     return out
 
 

@@ -15,20 +15,26 @@ from .modelfile import load_model
 from .networks import complexity
 
 
+def time_calls(fn, repeats: int, warmup: int = 1) -> dict:
+    """Median and minimum seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return {"seconds": statistics.median(times), "seconds_min": min(times)}
+
+
 def _measure(model_path, grid, threads, repeats, warmup) -> dict:
     torch.set_num_threads(threads)
     model, _, _ = load_model(model_path, "cpu")
     moving, fixed = torch.rand(1, 1, *grid), torch.rand(1, 1, *grid)
-    times = []
     with torch.inference_mode():
-        for i in range(warmup + repeats):
-            t0 = time.perf_counter()
-            model(moving, fixed)
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
+        result = time_calls(lambda: model(moving, fixed), repeats, warmup)
     # ru_maxrss is in KiB on Linux: the whole process (python, torch and the model included)
-    return {"seconds": statistics.median(times), "seconds_min": min(times),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {**result, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def time_model(model_path, grid, threads: int = 1, repeats: int = 5, warmup: int = 1, timeout: float = 1800) -> dict:
