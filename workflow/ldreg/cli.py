@@ -2,9 +2,8 @@
 
 ``register`` takes a NIfTI pair on any grid and orientation, applies the preprocessing stored
 in the model file, predicts the field, maps it back to the fixed image's own grid and writes
-the warped image (and labels) with the fixed image's affine and header. The written field is
-(D, H, W, 3) in voxels of the fixed image: fixed voxel ``y`` corresponds to the moving image's
-point that lies at fixed-voxel coordinates ``y + u(y)``."""
+the warped image (and labels) with the fixed image's affine and header (see
+:mod:`ldreg.register` for the field's convention)."""
 from __future__ import annotations
 
 import argparse
@@ -12,84 +11,25 @@ import json
 import sys
 import time
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .data import preprocess_image
-from .io import InputError, field_to_nifti_array, load_volume, save_volume
+from .io import InputError
 from .modelfile import load_model
-from .networks import complexity
-
-
-def _sample(volume: torch.Tensor, coords: torch.Tensor, mode: str) -> torch.Tensor:
-    """Sample a (D, H, W) volume at voxel coordinates (3, ...) with border clamping."""
-    shape = torch.tensor(volume.shape, dtype=coords.dtype).view(3, *[1] * (coords.ndim - 1))
-    norm = 2 * coords / (shape - 1).clamp_min(1) - 1
-    grid = norm.flip(0).permute(*range(1, coords.ndim), 0).reshape(1, -1, 1, 1, 3)
-    out = F.grid_sample(volume[None, None], grid, mode=mode, padding_mode="border", align_corners=True)
-    return out.reshape(coords.shape[1:])
-
-
-def _apply(affine: np.ndarray, points: torch.Tensor) -> torch.Tensor:
-    a = torch.from_numpy(affine).to(points.dtype)
-    return torch.einsum("ij,j...->i...", a[:3, :3], points) + a[:3, 3].view(3, *[1] * (points.ndim - 1))
-
-
-def register_pair(model_path, moving_path, fixed_path, moving_labels_path=None, device="cpu", threads=None):
-    """Register one pair; returns a dict of arrays in the fixed image's grid and stage times."""
-    times = {}
-    t = time.perf_counter()
-    if threads:
-        torch.set_num_threads(threads)
-    model, prep, _ = load_model(model_path, device)
-    times["load_model"] = time.perf_counter() - t
-    t = time.perf_counter()
-    moving_raw, moving_img = load_volume(moving_path, "image")
-    fixed_raw, fixed_img = load_volume(fixed_path, "image")
-    moving_pre, _, moving_pre_affine, _ = preprocess_image(moving_path, prep)
-    fixed_pre, _, fixed_pre_affine, _ = preprocess_image(fixed_path, prep)
-    times["preprocess"] = time.perf_counter() - t
-    t = time.perf_counter()
-    with torch.inference_mode():
-        flow = model(torch.from_numpy(moving_pre)[None, None].to(device), torch.from_numpy(fixed_pre)[None, None].to(device))["flow"]
-    flow = flow[0].float().cpu()
-    times["network"] = time.perf_counter() - t
-    t = time.perf_counter()
-    with torch.inference_mode():
-        # fixed voxel -> world -> preprocessed fixed voxel -> + flow -> world -> moving voxel
-        shape = fixed_raw.shape
-        grid = torch.stack(torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in shape], indexing="ij"))
-        world = _apply(fixed_img.affine, grid)
-        x_pre = _apply(np.linalg.inv(fixed_pre_affine), world)
-        disp = torch.stack([_sample(flow[i], x_pre, "bilinear") for i in range(3)])
-        moving_world = _apply(moving_pre_affine, x_pre + disp)
-        moving_vox = _apply(np.linalg.inv(moving_img.affine), moving_world)
-        warped = _sample(torch.from_numpy(moving_raw), moving_vox, "bilinear")
-        field = _apply(np.linalg.inv(fixed_img.affine), moving_world) - grid
-        warped_labels = None
-        if moving_labels_path:
-            labels, labels_img = load_volume(moving_labels_path, "labels")
-            if labels.shape != moving_raw.shape or not np.allclose(labels_img.affine, moving_img.affine, atol=1e-3):
-                raise InputError(f"{moving_labels_path}: label map is not on the grid of {moving_path}")
-            warped_labels = _sample(torch.from_numpy(labels.astype(np.float64)), moving_vox.double(), "nearest").round().numpy().astype(np.int32)
-    times["warp"] = time.perf_counter() - t
-    return {"warped": warped.numpy(), "field": field.numpy(), "warped_labels": warped_labels, "fixed_img": fixed_img,
-            "times": times}
+from .networks import PRECISIONS, complexity
+from .register import Registrar, write_outputs
 
 
 def _cmd_register(args) -> None:
     t0 = time.perf_counter()
-    result = register_pair(args.model, args.moving, args.fixed, args.moving_labels, args.device, args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    registrar = Registrar(args.model, args.device, args.precision, channels_last=args.precision == "bfloat16")
+    load_seconds = time.perf_counter() - t0
+    result = registrar.register(args.moving, args.fixed, args.moving_labels)
     t = time.perf_counter()
-    fixed_img = result["fixed_img"]
-    save_volume(args.warped, result["warped"], fixed_img.affine, fixed_img.header, np.float32)
-    if args.field:
-        save_volume(args.field, field_to_nifti_array(result["field"]), fixed_img.affine, fixed_img.header)
-    if args.warped_labels:
-        save_volume(args.warped_labels, result["warped_labels"], fixed_img.affine, fixed_img.header, np.int32)
-    result["times"]["write"] = time.perf_counter() - t
-    for stage, seconds in result["times"].items():
+    write_outputs(result, args.warped, args.field, args.warped_labels)
+    times = {"load_model": load_seconds, **result["times"], "write": time.perf_counter() - t}
+    for stage, seconds in times.items():
         print(f"{stage:>11}: {seconds:7.3f} s")
     print(f"{'total':>11}: {time.perf_counter() - t0:7.3f} s")
 
@@ -143,6 +83,8 @@ def _register_args(p) -> None:
     p.add_argument("--moving-labels", help="label map of the moving image")
     p.add_argument("--warped-labels", help="output: moving labels warped (nearest)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--precision", choices=sorted(PRECISIONS), default="float32",
+                   help="convolutions in float32, or bfloat16 (channels-last) on CPUs with bf16 units")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.set_defaults(func=_cmd_register)
 

@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import torch
-from nibabel.processing import resample_from_to
+import torch.nn.functional as F
 from scipy import ndimage
 
 from .io import InputError, check_same_grid, load_volume, save_volume, write_csv
@@ -149,9 +149,10 @@ def make_synthetic_cohort(out_dir, cfg: SyntheticConfig, threads: int = 1) -> pd
     fine_shape = tuple(2 * s - 1 for s in shape)
     fine_affine = affine.copy()
     fine_affine[:3, :3] /= 2
-    atlas = np.asarray(resample_from_to(atlas_img, (fine_shape, fine_affine), order=1).dataobj, dtype=np.float32)
+    atlas = resample_to_grid(np.asarray(atlas_img.dataobj, dtype=np.float32), atlas_img.affine, fine_shape, fine_affine, 1)
     labels_img = nib.load(str(labels_path))
-    atlas_labels = np.asarray(resample_from_to(labels_img, (fine_shape, fine_affine), order=0).dataobj).astype(np.int32)
+    atlas_labels = resample_to_grid(np.asarray(labels_img.dataobj).astype(np.int32), labels_img.affine, fine_shape,
+                                    fine_affine, 0)
     atlas = np.clip(atlas / np.percentile(atlas[atlas > 0], 99.5), 0, 1)
     jobs = [(index, cfg, atlas, atlas_labels, shape, affine, fine_shape, fine_affine, str(out_dir))
             for index in range(cfg.subjects)]
@@ -281,14 +282,18 @@ class Preprocessing:
         return d
 
 
-def target_grid(img, data: np.ndarray, prep: Preprocessing) -> np.ndarray:
+def target_grid(img, data: np.ndarray, prep: Preprocessing, robust_range=None) -> np.ndarray:
     """RAS affine of the preprocessed grid: configured spacing, centred on the foreground's
-    bounding box in world space (the box is cropped or padded to the grid)."""
-    lo, hi = np.percentile(data, [1, 99])
-    fg = np.argwhere(data > lo + prep.foreground_fraction * (hi - lo))
-    if fg.size == 0:
-        fg = np.argwhere(np.ones_like(data, dtype=bool))
-    corners = np.array([fg.min(0), fg.max(0)])
+    bounding box in world space (the box is cropped or padded to the grid). ``robust_range`` is
+    the image's 1st and 99th percentile when the caller has them already."""
+    lo, hi = np.percentile(data, [1, 99]) if robust_range is None else robust_range
+    mask = data > lo + prep.foreground_fraction * (hi - lo)
+    corners = np.zeros((2, 3), dtype=int)
+    corners[1] = np.array(data.shape) - 1
+    if mask.any():  # the box from the mask's projections on each axis (no list of voxels)
+        for axis in range(3):
+            hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+            corners[:, axis] = hits[0], hits[-1]
     box = np.array([[corners[i][0], corners[j][1], corners[k][2]] for i in (0, 1) for j in (0, 1) for k in (0, 1)])
     world = nib.affines.apply_affine(img.affine, box)
     centre = (world.min(0) + world.max(0)) / 2
@@ -297,18 +302,66 @@ def target_grid(img, data: np.ndarray, prep: Preprocessing) -> np.ndarray:
     return affine
 
 
-def normalise(data: np.ndarray, percentiles) -> np.ndarray:
-    lo, hi = np.percentile(data, percentiles)
+def normalise(data: np.ndarray, percentiles=None, value_range=None) -> np.ndarray:
+    """Intensities mapped to [0, 1] between two percentiles (or a given ``value_range``)."""
+    lo, hi = np.percentile(data, percentiles) if value_range is None else value_range
     return np.clip((data - lo) / max(hi - lo, 1e-6), 0, 1).astype(np.float32)
+
+
+def _shifted_copy(data: np.ndarray, offset, shape) -> np.ndarray:
+    """Target voxel ``t`` takes source voxel ``t + offset`` (zero outside the source)."""
+    out = np.zeros(shape, dtype=data.dtype)
+    src, dst = [], []
+    for n_src, n_dst, o in zip(data.shape, shape, offset):
+        start, stop = max(0, -o), min(n_dst, n_src - o)
+        if stop <= start:
+            return out
+        dst.append(slice(start, stop))
+        src.append(slice(start + o, stop + o))
+    out[tuple(dst)] = data[tuple(src)]
+    return out
+
+
+def resample_to_grid(data: np.ndarray, source_affine, shape, target_affine, order: int = 1) -> np.ndarray:
+    """Resample ``data`` (on ``source_affine``) onto the grid ``shape`` / ``target_affine``:
+    trilinear (order 1) or nearest (order 0), zero outside the source. A target grid that is
+    the source grid shifted by whole voxels (an input already on the model's grid) is a crop
+    or pad; anything else is one torch ``grid_sample`` (multi-threaded, unlike scipy's)."""
+    vox = np.linalg.inv(source_affine) @ target_affine  # target voxel -> source voxel
+    shift = vox[:3, 3]
+    if np.allclose(vox[:3, :3], np.eye(3), atol=1e-6) and np.allclose(shift, np.round(shift), atol=1e-4):
+        return _shifted_copy(data, np.round(shift).astype(int), tuple(shape))
+    src_n, dst_n = np.array(data.shape, float), np.array(shape, float)
+    # in grid_sample's [-1, 1] units (align_corners): n = 2 v / (size - 1) - 1
+    to_vox = np.diag(list((dst_n - 1) / 2) + [1.0])
+    to_vox[:3, 3] = (dst_n - 1) / 2
+    to_norm = np.diag(list(2 / np.maximum(src_n - 1, 1)) + [1.0])
+    to_norm[:3, 3] = -1
+    theta = to_norm @ vox @ to_vox
+    theta = theta[[2, 1, 0]][:, [2, 1, 0, 3]]  # grid_sample's coordinates are x, y, z = W, H, D
+    # float64 keeps every integer label exact under nearest sampling
+    dtype = torch.float64 if order == 0 else torch.float32
+    theta_t = torch.from_numpy(theta[None].astype(np.float64)).to(dtype)
+    grid = F.affine_grid(theta_t, [1, 1, *shape], align_corners=True)
+    source = torch.from_numpy(np.ascontiguousarray(data)).to(dtype)[None, None]
+    out = F.grid_sample(source, grid, mode="bilinear" if order else "nearest", padding_mode="zeros", align_corners=True)
+    return out[0, 0].numpy().astype(data.dtype if order == 0 else np.float32)
+
+
+def preprocess_array(data: np.ndarray, img, prep: Preprocessing) -> tuple[np.ndarray, np.ndarray]:
+    """An image already read and checked (``data`` on ``img``'s grid), normalised and resampled
+    into the preprocessed grid. Returns (image, preprocessed affine)."""
+    # one partial sort for both the foreground threshold and the normalisation
+    lo1, hi99, lo, hi = np.percentile(data, [1, 99, *prep.percentiles])
+    affine = target_grid(img, data, prep, (lo1, hi99))
+    return resample_to_grid(normalise(data, value_range=(lo, hi)), img.affine, prep.grid, affine, order=1), affine
 
 
 def preprocess_image(path, prep: Preprocessing, labels_path=None, label_map: dict | None = None):
     """Read and check one image (and label map), resample it into the preprocessed grid and
     normalise it. Returns (image, labels or None, preprocessed affine, original nibabel image)."""
     data, img = load_volume(path, "image")
-    affine = target_grid(img, data, prep)
-    norm_img = nib.Nifti1Image(normalise(data, prep.percentiles), img.affine)
-    image = np.asarray(resample_from_to(norm_img, (tuple(prep.grid), affine), order=1, cval=0.0).dataobj, dtype=np.float32)
+    image, affine = preprocess_array(data, img, prep)
     labels = None
     if labels_path:
         lab, lab_img = load_volume(labels_path, "labels")
@@ -316,8 +369,7 @@ def preprocess_image(path, prep: Preprocessing, labels_path=None, label_map: dic
         if label_map:
             lut = {int(k): int(v) for k, v in label_map.items()}
             lab = np.vectorize(lambda v: lut.get(int(v), 0), otypes=[np.int32])(lab) if lab.size else lab
-        lab_img = nib.Nifti1Image(lab.astype(np.int32), img.affine)
-        labels = np.asarray(resample_from_to(lab_img, (tuple(prep.grid), affine), order=0, cval=0).dataobj).astype(np.int16)
+        labels = resample_to_grid(lab.astype(np.int32), img.affine, prep.grid, affine, order=0).astype(np.int16)
     return image, labels, affine, img
 
 

@@ -20,6 +20,14 @@ def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(nn.Conv3d(cin, cout, 3, stride=stride, padding=1), nn.LeakyReLU(0.1, inplace=True))
 
 
+def _as_conv_input(x: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
+    """``x`` in the dtype and memory format of ``conv``'s weights, which
+    :func:`prepare_for_inference` may have made bfloat16 and channels-last."""
+    fmt = torch.channels_last_3d if conv.weight.is_contiguous(memory_format=torch.channels_last_3d) and \
+        not conv.weight.is_contiguous() else torch.contiguous_format
+    return x.to(dtype=conv.weight.dtype, memory_format=fmt)
+
+
 class AffineNet(nn.Module):
     """Affine sub-network: a strided conv encoder on (moving, fixed), global pooling and a linear
     head giving a 3x4 matrix ``[W | t]`` with the voxel map ``x -> (I + W)(x - c) + c + t`` about
@@ -34,8 +42,9 @@ class AffineNet(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor):
-        features = self.encoder(torch.cat([moving, fixed], 1)).mean(dim=(2, 3, 4))
-        params = self.head(features).view(-1, 3, 4)
+        x = _as_conv_input(torch.cat([moving, fixed], 1), self.encoder[0][0])
+        features = self.encoder(x).mean(dim=(2, 3, 4)).to(self.head.weight.dtype)
+        params = self.head(features).view(-1, 3, 4).to(moving.dtype)
         matrix = torch.eye(3, device=params.device, dtype=params.dtype) + params[:, :, :3]
         # translation in units of the half grid size, so that it moves as fast as the matrix
         # entries do under the optimiser (in raw voxels it would crawl)
@@ -50,6 +59,14 @@ def affine_field(matrix: torch.Tensor, translation: torch.Tensor, shape) -> torc
     centred = (grid - centre.view(3, 1, 1, 1)).reshape(3, -1)
     moved = torch.einsum("bij,jn->bin", matrix, centred) + translation.unsqueeze(-1)
     return (moved - centred).view(-1, 3, *shape)
+
+
+def compose_after_affine(affine_flow: torch.Tensor, matrix: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """``compose(affine_flow, step)`` in closed form: an affine displacement ``a`` is linear, so
+    ``step + a(x + step) = a(x) + M step`` -- no resampling of the affine field (which costs a
+    3-channel grid_sample) and no interpolation error. Unlike the sampled form it extrapolates
+    the affine map past the volume's border instead of clamping."""
+    return affine_flow + torch.einsum("bij,bj...->bi...", matrix, step)
 
 
 class DenseNet(nn.Module):
@@ -87,7 +104,7 @@ class DenseNet(nn.Module):
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
         check_divisible("DenseNet input", moving.shape[2:], 2**self.depth)
-        x = torch.cat([moving, fixed], 1)
+        x = _as_conv_input(torch.cat([moving, fixed], 1), self.flow)
         skips = [x]
         for enc in self.encoders:
             x = enc(x)
@@ -97,7 +114,7 @@ class DenseNet(nn.Module):
             skip = skips.pop()
             x = F.interpolate(x, size=skip.shape[2:], mode="trilinear", align_corners=False)
             x = dec(torch.cat([x, skip], 1))
-        flow = self.flow(x) * self.flow_scale
+        flow = self.flow(x).to(moving.dtype, memory_format=torch.contiguous_format) * self.flow_scale
         if self.half_res_flow:  # the field is in full-resolution voxels already; only resample it
             flow = F.interpolate(flow, size=moving.shape[2:], mode="trilinear", align_corners=False)
         return flow
@@ -171,33 +188,41 @@ class CascadedRegistration(nn.Module):
         self.affine = AffineNet(spec.affine_width) if spec.affine else None
         self.stages = nn.ModuleList(make_stage(spec) for _ in range(spec.cascades))
 
-    def forward(self, moving: torch.Tensor, fixed: torch.Tensor, upto: int | None = None) -> dict:
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor, upto: int | None = None, warp: bool = True) -> dict:
         """Returns ``fields`` (one per stage: the affine first when present), ``flow`` (the
         composed field), ``warped`` and, when there is an affine stage, ``affine`` (matrix,
-        translation). ``upto`` stops after that many dense stages (0: affine only)."""
+        translation). ``upto`` stops after that many dense stages (0: affine only);
+        ``warp=False`` skips warping by the final field (inference needs only the field)."""
         check_volume_batch("moving", moving, channels=1)
         check_volume_batch("fixed", fixed, channels=1)
         if moving.shape != fixed.shape:
             raise ValueError(f"moving {tuple(moving.shape)} and fixed {tuple(fixed.shape)} must have one shape")
         check_divisible("registration input", moving.shape[2:], 2**self.spec.depth)
         out: dict = {"fields": []}
-        flow = None
+        flow = matrix = None
         if self.affine is not None:
             matrix, translation = self.affine(moving, fixed)
             flow = affine_field(matrix, translation, moving.shape[2:])
             out["affine"] = (matrix, translation)
             out["fields"].append(flow)
-        stages = self.stages if upto is None else self.stages[:upto]
+        stages = list(self.stages if upto is None else self.stages[:upto])
         warped = moving if flow is None else warp_image(moving, flow)
-        for stage in stages:
+        for k, stage in enumerate(stages):
             step = stage(warped, fixed)
             out["fields"].append(step)
-            flow = step if flow is None else compose(flow, step)
-            warped = warp_image(moving, flow)
+            if flow is None:
+                flow = step
+            elif k == 0 and matrix is not None:
+                flow = compose_after_affine(flow, matrix, step)
+            else:
+                flow = compose(flow, step)
+            if warp or k + 1 < len(stages):
+                warped = warp_image(moving, flow)
         if flow is None:
             flow = torch.zeros(moving.shape[0], 3, *moving.shape[2:], device=moving.device, dtype=moving.dtype)
         out["flow"] = flow
-        out["warped"] = warped
+        if warp:
+            out["warped"] = warped
         return out
 
 
@@ -214,6 +239,25 @@ class Critic(nn.Module):
     def forward(self, field: torch.Tensor) -> torch.Tensor:
         check_volume_batch("field", field, channels=3)
         return self.score(self.features(field).mean(dim=(2, 3, 4))).squeeze(-1)
+
+
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def prepare_for_inference(model: CascadedRegistration, precision: str = "float32",
+                          channels_last: bool = False) -> CascadedRegistration:
+    """Convert the convolutions for CPU inference in place: ``bfloat16`` runs them on the CPU's
+    bf16 units (AMX / AVX512-BF16, through oneDNN) and channels-last 3D is the layout oneDNN's
+    fast 3D kernels use. Fields, warps and the affine head stay float32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    for part in model.modules():
+        if isinstance(part, (AffineNet, DenseNet)):  # the networks whose forward casts its input
+            for conv in part.modules():
+                if isinstance(conv, nn.Conv3d):
+                    conv.to(dtype=PRECISIONS[precision], memory_format=fmt)
+    return model.eval()
 
 
 def build_network(spec: CascadeSpec | dict) -> CascadedRegistration:

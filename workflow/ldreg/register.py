@@ -1,0 +1,139 @@
+"""Registering NIfTI pairs with a trained model on the CPU: the ``register`` command's path,
+split into the stages that the speed profile times one by one.
+
+A :class:`Registrar` loads the model once and then, per pair: ``prepare`` (read, check and
+preprocess each image), ``predict`` (the network's composed field on the preprocessed grid),
+``warp`` (the field mapped back to the fixed image's own grid; the moving image and labels
+warped) and :func:`write_outputs`. The written field is (D, H, W, 3) in voxels of the fixed
+image: fixed voxel ``y`` corresponds to the moving image's point at fixed-voxel coordinates
+``y + u(y)``. Where an image already lies on the model's grid (the common case for
+preprocessed data) the maps between grids are identities and are skipped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import Preprocessing, preprocess_array
+from .io import InputError, field_to_nifti_array, load_volume, save_volume
+from .modelfile import load_model
+from .networks import prepare_for_inference
+from .warp import identity_grid, warp_image, warp_labels
+
+
+@dataclass
+class Prepared:
+    """One input image: as read (``raw`` on ``img``'s grid) and preprocessed (``image`` on
+    the grid of ``affine``)."""
+
+    path: str
+    raw: np.ndarray
+    img: nib.Nifti1Image
+    image: np.ndarray
+    affine: np.ndarray
+
+
+def _is_identity(matrix: np.ndarray) -> bool:
+    return np.allclose(matrix, np.eye(4), atol=1e-5)
+
+
+def _apply(matrix: np.ndarray, points: torch.Tensor) -> torch.Tensor:
+    """A 4x4 voxel map applied to coordinates (3, ...)."""
+    m = torch.from_numpy(matrix).to(points.dtype)
+    return torch.einsum("ij,j...->i...", m[:3, :3], points) + m[:3, 3].view(3, *[1] * (points.ndim - 1))
+
+
+def _sample_at(volume: torch.Tensor, coords: torch.Tensor, mode: str) -> torch.Tensor:
+    """Sample a (C, D, H, W) volume at voxel coordinates (3, d, h, w), border clamping."""
+    size = torch.tensor(volume.shape[1:], dtype=coords.dtype).view(3, 1, 1, 1)
+    grid = (2 * coords / (size - 1).clamp_min(1) - 1).flip(0).permute(1, 2, 3, 0)[None]
+    out = F.grid_sample(volume[None], grid.to(volume.dtype), mode=mode, padding_mode="border", align_corners=True)
+    return out[0]
+
+
+class Registrar:
+    """A model loaded for registering pairs. ``precision`` and ``channels_last`` choose how the
+    convolutions run (see :func:`ldreg.networks.prepare_for_inference`); ``grid`` overrides the
+    model's preprocessed grid (the networks are fully convolutional: any size divisible by
+    2^depth)."""
+
+    def __init__(self, model_path, device: str = "cpu", precision: str = "float32", channels_last: bool = False,
+                 grid=None):
+        self.model, prep, self.payload = load_model(model_path, device)
+        self.prep: Preprocessing = dataclasses.replace(prep, grid=tuple(grid)) if grid else prep
+        self.device = device
+        prepare_for_inference(self.model, precision, channels_last)
+
+    def prepare(self, path) -> Prepared:
+        raw, img = load_volume(path, "image")
+        image, affine = preprocess_array(raw, img, self.prep)
+        return Prepared(str(path), raw, img, image, affine)
+
+    @torch.inference_mode()
+    def predict(self, moving: Prepared, fixed: Prepared) -> torch.Tensor:
+        """The composed field (3, D, H, W), float32, in voxels of the preprocessed grid."""
+        as_batch = lambda a: torch.from_numpy(a)[None, None].to(self.device)
+        flow = self.model(as_batch(moving.image), as_batch(fixed.image), warp=False)["flow"]
+        return flow[0].float().cpu()
+
+    @torch.inference_mode()
+    def warp(self, flow: torch.Tensor, moving: Prepared, fixed: Prepared, moving_labels_path=None) -> dict:
+        """Warped moving image (and labels) and the field, all on the fixed image's own grid."""
+        labels = None
+        if moving_labels_path:
+            labels, labels_img = load_volume(moving_labels_path, "labels")
+            if labels.shape != moving.raw.shape or not np.allclose(labels_img.affine, moving.img.affine, atol=1e-3):
+                raise InputError(f"{moving_labels_path}: label map is not on the grid of {moving.path}")
+        fixed_shape = tuple(fixed.raw.shape)
+        fixed_to_pre = np.linalg.inv(fixed.affine) @ fixed.img.affine  # fixed voxel -> preprocessed voxel
+        pre_to_moving = np.linalg.inv(moving.img.affine) @ moving.affine  # preprocessed -> moving voxel
+        pre_to_fixed = np.linalg.inv(fixed.img.affine) @ moving.affine  # moving preprocessed -> fixed voxel
+        if (_is_identity(fixed_to_pre) and _is_identity(pre_to_moving) and _is_identity(pre_to_fixed)
+                and fixed_shape == tuple(flow.shape[1:]) == tuple(moving.raw.shape)):
+            # both images on the model's grid: the network's field is the answer as it is
+            warped = warp_image(torch.from_numpy(moving.raw)[None, None], flow[None])[0, 0]
+            warped_labels = None if labels is None else warp_labels(torch.from_numpy(labels)[None, None], flow[None])[0, 0]
+            field = flow
+        else:
+            grid = identity_grid(fixed_shape)
+            x_pre = _apply(fixed_to_pre, grid)
+            target = x_pre + _sample_at(flow, x_pre, "bilinear")  # moving preprocessed voxel
+            moving_vox = _apply(pre_to_moving, target)
+            field = _apply(pre_to_fixed, target) - grid
+            warped = _sample_at(torch.from_numpy(moving.raw)[None], moving_vox, "bilinear")[0]
+            warped_labels = None
+            if labels is not None:  # float64 keeps every integer label exact
+                sampled = _sample_at(torch.from_numpy(labels).double()[None], moving_vox.double(), "nearest")[0]
+                warped_labels = sampled.round().to(torch.int32)
+        return {"warped": warped.numpy(), "field": field.numpy(),
+                "warped_labels": None if warped_labels is None else warped_labels.numpy(), "fixed_img": fixed.img}
+
+    def register(self, moving_path, fixed_path, moving_labels_path=None) -> dict:
+        """All stages for one pair; ``times`` holds each stage's seconds."""
+        times, t = {}, time.perf_counter()
+        moving, fixed = self.prepare(moving_path), self.prepare(fixed_path)
+        times["preprocess"] = time.perf_counter() - t
+        t = time.perf_counter()
+        flow = self.predict(moving, fixed)
+        times["network"] = time.perf_counter() - t
+        t = time.perf_counter()
+        result = self.warp(flow, moving, fixed, moving_labels_path)
+        times["warp"] = time.perf_counter() - t
+        result["times"] = times
+        return result
+
+
+def write_outputs(result: dict, warped_path, field_path=None, warped_labels_path=None) -> None:
+    """Write what was asked for, each with the fixed image's affine and header."""
+    fixed_img = result["fixed_img"]
+    save_volume(warped_path, result["warped"], fixed_img.affine, fixed_img.header, np.float32)
+    if field_path:
+        save_volume(field_path, field_to_nifti_array(result["field"]), fixed_img.affine, fixed_img.header)
+    if warped_labels_path:
+        save_volume(warped_labels_path, result["warped_labels"], fixed_img.affine, fixed_img.header, np.int32)
