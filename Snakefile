@@ -26,4 +26,5 @@ rule all:
         rules.tables.output,
         rules.figures.output,
         rules.benchmark_core.output,
+        rules.speed_profile.output,
     default_target: True

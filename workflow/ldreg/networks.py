@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from .checks import check_divisible, check_volume_batch
-from .warp import compose, identity_grid, warp_image
+from .warp import compose, warp_image
 
 
 def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -53,12 +53,18 @@ class AffineNet(nn.Module):
 
 
 def affine_field(matrix: torch.Tensor, translation: torch.Tensor, shape) -> torch.Tensor:
-    """Dense displacement (B, 3, *shape) in voxels of an affine map about the grid centre."""
-    grid = identity_grid(shape, device=matrix.device, dtype=matrix.dtype)
-    centre = torch.tensor([(s - 1) / 2 for s in shape], device=matrix.device, dtype=matrix.dtype)
-    centred = (grid - centre.view(3, 1, 1, 1)).reshape(3, -1)
-    moved = torch.einsum("bij,jn->bin", matrix, centred) + translation.unsqueeze(-1)
-    return (moved - centred).view(-1, 3, *shape)
+    """Dense displacement (B, 3, *shape) in voxels of an affine map about the grid centre:
+    ``u(x) = (M - I)(x - c) + t``, summed from one centred axis per dimension by broadcasting
+    (one full-size pass instead of a 3 x N coordinate matrix product)."""
+    b = matrix.shape[0]
+    linear = matrix - torch.eye(3, device=matrix.device, dtype=matrix.dtype)
+    field = translation.reshape(b, 3, 1, 1, 1)
+    for k, size in enumerate(shape):
+        axis = torch.arange(size, device=matrix.device, dtype=matrix.dtype) - (size - 1) / 2
+        view = [1, 1, 1, 1, 1]
+        view[2 + k] = size
+        field = field + linear[:, :, k].reshape(b, 3, 1, 1, 1) * axis.view(view)
+    return field
 
 
 def compose_after_affine(affine_flow: torch.Tensor, matrix: torch.Tensor, step: torch.Tensor) -> torch.Tensor:

@@ -273,3 +273,25 @@ def benchmark_core(config, out_csv) -> None:
     frame = core_benchmark(b["repeats"], tuple(b["grid"]))
     log.info("\n%s", frame.to_string(index=False))
     write_csv(frame, out_csv)
+
+
+def speed_profile(config, model_paths: dict, subjects_csv, pairs_csv, profile_csv, machine_csv) -> None:
+    """``results/tables/speed_profile`` and ``speed_machine`` (CSV + Markdown)."""
+    from .speed_profile import speed_profile as profile
+
+    sp = config["speed_profile"]
+    for name in sp["models"]:
+        if name not in model_paths:
+            raise ValueError(f"speed_profile.models: {name!r} is not a model of this run ({sorted(model_paths)})")
+    if sp["baseline_model"] not in sp["models"] or sp["reference_engine"] not in sp["engines"]:
+        raise ValueError("speed_profile: baseline_model must be in models and reference_engine in engines")
+    pairs = pd.read_csv(pairs_csv)
+    counts = sorted({usable_threads(n) for n in sp["threads"]})
+    grids = [tuple(config["preprocessing"]["grid"])] + [tuple(g) for g in sp["extra_grids"]]
+    table, machine = profile(model_paths, sp["engines"], grids, counts, sp["repeats"], sp["warmup"],
+                             pd.read_csv(subjects_csv), pairs[pairs.split == "test"],
+                             config["preprocessing"]["spacing_mm"], sp["reference_engine"], sp["baseline_model"],
+                             config["seed"])
+    log.info("\n%s", table[["model", "engine", "grid", "threads", "total_s", "network_s", "peak_rss_mb", "dice"]].to_string())
+    write_table(table, Path(profile_csv).with_suffix(""))
+    write_table(machine, Path(machine_csv).with_suffix(""))

@@ -13,18 +13,18 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import nibabel as nib
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .data import Preprocessing, preprocess_array
 from .io import InputError, field_to_nifti_array, load_volume, save_volume
 from .modelfile import load_model
 from .networks import prepare_for_inference
-from .warp import identity_grid, warp_image, warp_labels
+from .warp import grid_sample_threaded, identity_grid, warp_image, warp_labels
 
 
 @dataclass
@@ -53,8 +53,7 @@ def _sample_at(volume: torch.Tensor, coords: torch.Tensor, mode: str) -> torch.T
     """Sample a (C, D, H, W) volume at voxel coordinates (3, d, h, w), border clamping."""
     size = torch.tensor(volume.shape[1:], dtype=coords.dtype).view(3, 1, 1, 1)
     grid = (2 * coords / (size - 1).clamp_min(1) - 1).flip(0).permute(1, 2, 3, 0)[None]
-    out = F.grid_sample(volume[None], grid.to(volume.dtype), mode=mode, padding_mode="border", align_corners=True)
-    return out[0]
+    return grid_sample_threaded(volume[None], grid.to(volume.dtype), mode, "border")[0]
 
 
 class Registrar:
@@ -110,14 +109,20 @@ class Registrar:
             warped_labels = None
             if labels is not None:  # float64 keeps every integer label exact
                 sampled = _sample_at(torch.from_numpy(labels).double()[None], moving_vox.double(), "nearest")[0]
-                warped_labels = sampled.round().to(torch.int32)
-        return {"warped": warped.numpy(), "field": field.numpy(),
-                "warped_labels": None if warped_labels is None else warped_labels.numpy(), "fixed_img": fixed.img}
+                warped_labels = sampled.round()
+        if warped_labels is not None:  # the label file's own integer type (float-stored labels: int32)
+            stored = labels_img.get_data_dtype()
+            warped_labels = warped_labels.numpy().astype(stored if np.issubdtype(stored, np.integer) else np.int32)
+        return {"warped": warped.numpy(), "field": field.numpy(), "warped_labels": warped_labels, "fixed_img": fixed.img}
 
     def register(self, moving_path, fixed_path, moving_labels_path=None) -> dict:
         """All stages for one pair; ``times`` holds each stage's seconds."""
         times, t = {}, time.perf_counter()
-        moving, fixed = self.prepare(moving_path), self.prepare(fixed_path)
+        # the two images side by side: reading and the percentile sort are single-threaded
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(self.prepare, moving_path)
+            fixed = self.prepare(fixed_path)
+            moving = pending.result()
         times["preprocess"] = time.perf_counter() - t
         t = time.perf_counter()
         flow = self.predict(moving, fixed)
@@ -132,8 +137,13 @@ class Registrar:
 def write_outputs(result: dict, warped_path, field_path=None, warped_labels_path=None) -> None:
     """Write what was asked for, each with the fixed image's affine and header."""
     fixed_img = result["fixed_img"]
-    save_volume(warped_path, result["warped"], fixed_img.affine, fixed_img.header, np.float32)
+    jobs = [(warped_path, result["warped"], np.float32)]
     if field_path:
-        save_volume(field_path, field_to_nifti_array(result["field"]), fixed_img.affine, fixed_img.header)
+        jobs.append((field_path, field_to_nifti_array(result["field"]), None))
     if warped_labels_path:
-        save_volume(warped_labels_path, result["warped_labels"], fixed_img.affine, fixed_img.header, np.int32)
+        jobs.append((warped_labels_path, result["warped_labels"], None))
+    # side by side: file writing and gzip release the GIL
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        for done in [pool.submit(save_volume, path, data, fixed_img.affine, fixed_img.header, dtype)
+                     for path, data, dtype in jobs]:
+            done.result()

@@ -2,6 +2,7 @@
 memory is that configuration's own), a warm-up then the median of repeated forward passes."""
 from __future__ import annotations
 
+import importlib
 import json
 import resource
 import statistics
@@ -30,21 +31,29 @@ def time_calls(fn, repeats: int, warmup: int = 1) -> dict:
 def _measure(model_path, grid, threads, repeats, warmup) -> dict:
     torch.set_num_threads(threads)
     model, _, _ = load_model(model_path, "cpu")
-    moving, fixed = torch.rand(1, 1, *grid), torch.rand(1, 1, *grid)
+    moving, fixed = torch.rand(1, 1, *tuple(grid)), torch.rand(1, 1, *tuple(grid))
     with torch.inference_mode():
-        result = time_calls(lambda: model(moving, fixed), repeats, warmup)
+        result = time_calls(lambda: model(moving, fixed, warp=False), repeats, warmup)
     # ru_maxrss is in KiB on Linux: the whole process (python, torch and the model included)
     return {**result, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def time_model(model_path, grid, threads: int = 1, repeats: int = 5, warmup: int = 1, timeout: float = 1800) -> dict:
-    """Median CPU seconds per pair (random input on ``grid``), measured in a fresh interpreter
-    (a subprocess, not multiprocessing: that would re-run a Snakemake script as __main__)."""
-    args = json.dumps([str(model_path), list(grid), threads, repeats, warmup])
-    proc = subprocess.run([sys.executable, "-m", "ldreg.timing", args], capture_output=True, text=True, timeout=timeout)
+def run_isolated(target: str, timeout: float = 3600, **kwargs):
+    """``module:function`` called with ``kwargs`` in a fresh interpreter, its JSON result
+    returned: timings free of the caller's caches and threads, peak memory its own (a
+    subprocess, not multiprocessing, which would re-run a Snakemake script as __main__)."""
+    args = json.dumps({"target": target, "kwargs": kwargs})
+    proc = subprocess.run([sys.executable, "-m", "ldreg.timing", args], capture_output=True, text=True,
+                          timeout=timeout, check=False)
     if proc.returncode != 0:
-        raise RuntimeError(f"timing of {model_path} at {grid} failed: {proc.stderr.strip().splitlines()[-1:]}")
+        raise RuntimeError(f"{target}({kwargs}) failed: {proc.stderr.strip().splitlines()[-1:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def time_model(model_path, grid, threads: int = 1, repeats: int = 5, warmup: int = 1) -> dict:
+    """Median CPU seconds of a forward pass per pair (random input on ``grid``), isolated."""
+    return run_isolated("ldreg.timing:_measure", model_path=str(model_path), grid=list(grid), threads=threads,
+                        repeats=repeats, warmup=warmup)
 
 
 def time_model_grid(model_path, grids, thread_counts, repeats=5, warmup=1) -> list[dict]:
@@ -60,5 +69,6 @@ def time_model_grid(model_path, grids, thread_counts, repeats=5, warmup=1) -> li
 
 
 if __name__ == "__main__":
-    path, grid, threads, repeats, warmup = json.loads(sys.argv[1])
-    print(json.dumps(_measure(path, tuple(grid), threads, repeats, warmup)))
+    call = json.loads(sys.argv[1])
+    module, function = call["target"].split(":")
+    print(json.dumps(getattr(importlib.import_module(module), function)(**call["kwargs"])))

@@ -28,13 +28,27 @@ def _normalised_identity(shape, dtype, device) -> torch.Tensor:
     return (grid * scale - 1).flip(0).permute(1, 2, 3, 0).unsqueeze(0).contiguous()
 
 
+def grid_sample_threaded(image: torch.Tensor, grid: torch.Tensor, mode: str, padding_mode: str) -> torch.Tensor:
+    """``F.grid_sample`` (align_corners) that uses every thread on a single volume: torch's 3D
+    CPU kernel parallelises over the batch only, so one volume's output grid is cut into
+    slabs along D that run as a batch over the same (not copied) input."""
+    slabs = torch.get_num_threads()
+    n, depth = grid.shape[0], grid.shape[1]
+    if n != 1 or slabs < 2 or depth % slabs:
+        return F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
+    out = F.grid_sample(image.expand(slabs, *image.shape[1:]), grid.reshape(slabs, depth // slabs, *grid.shape[2:]),
+                        mode=mode, padding_mode=padding_mode, align_corners=True)
+    # (slabs, C, D/slabs, H, W) -> (1, C, D, H, W)
+    return out.transpose(0, 1).reshape(1, image.shape[1], depth, *grid.shape[2:4])
+
+
 def _sample(image: torch.Tensor, field: torch.Tensor, mode: str) -> torch.Tensor:
     shape = tuple(image.shape[2:])
     scale = torch.tensor([2.0 / max(s - 1, 1) for s in shape[::-1]], dtype=field.dtype, device=field.device)
     # (B, 3, D, H, W) voxels -> (B, D, H, W, 3) normalised offsets in x, y, z order, added in place
     grid = field.flip(1).permute(0, 2, 3, 4, 1) * scale
     grid += _normalised_identity(shape, field.dtype, field.device)
-    return F.grid_sample(image, grid, mode=mode, padding_mode="border", align_corners=True)
+    return grid_sample_threaded(image, grid, mode, "border")
 
 
 def warp_image(image: torch.Tensor, field: torch.Tensor) -> torch.Tensor:

@@ -61,3 +61,26 @@ rule benchmark_core:
         "../../envs/ldreg.yaml"
     script:
         "../scripts/benchmark_core.py"
+
+
+rule speed_profile:
+    # the register path stage by stage, per model x engine x grid x threads, with the Dice of
+    # every engine on the test pairs (accuracy guard); all cores, so nothing else runs beside it
+    input:
+        models=lambda wc: [model_file(m) for m in config["speed_profile"]["models"]],
+        subjects=rules.preprocess.output.subjects,
+        pairs=rules.preprocess.output.pairs,
+    output:
+        report(multiext(f"{RESULTS}/tables/speed_profile", ".csv", ".md"), category="Tables"),
+        report(multiext(f"{RESULTS}/tables/speed_machine", ".csv", ".md"), category="Tables"),
+    log:
+        f"{RESULTS}/logs/speed_profile.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/speed_profile.tsv"
+    threads: workflow.cores
+    resources:
+        mem_mb=6000,
+    conda:
+        "../../envs/ldreg.yaml"
+    script:
+        "../scripts/speed_profile.py"

@@ -1,0 +1,184 @@
+"""Where the CPU time of registering one pair goes, per model and inference engine.
+
+Every configuration (model x engine x grid x threads) runs the ``register`` path of
+:mod:`ldreg.register` in a fresh interpreter (so its peak memory is its own) on random NIfTI
+inputs that lie on the model's grid: stages preprocess (read, check, normalise, place on the
+grid), network, warp (field to the fixed grid; image and labels warped), write (warped image,
+labels and field as .nii), median of ``repeats`` runs after ``warmup``. Writing .nii.gz is
+timed once on the side: gzip is single-threaded and would otherwise hide everything else.
+The same run measures the machine's own dense throughput (a large conv3d and matmul) so
+that achieved GFLOP/s read as a fraction of what this CPU can do, and re-evaluates each
+model and engine on the test pairs (the accuracy guard).
+"""
+from __future__ import annotations
+
+import logging
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import torch
+
+from .evaluate import evaluate_pairs
+from .networks import complexity
+from .register import Registrar, write_outputs
+from .timing import run_isolated, time_calls
+
+log = logging.getLogger(__name__)
+
+# engine name -> (conv precision, channels-last 3D)
+ENGINES = {"float32": ("float32", False), "float32_cl": ("float32", True), "bfloat16_cl": ("bfloat16", True)}
+STAGES = ("preprocess", "network", "warp", "write")
+DICE_TOLERANCE = 0.005  # the largest mean-Dice loss a speed change may cost without a flag
+
+
+def _engine(name: str) -> tuple[str, bool]:
+    if name not in ENGINES:
+        raise ValueError(f"unknown inference engine {name!r}; known: {sorted(ENGINES)}")
+    return ENGINES[name]
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_throughput(threads: int, repeats: int = 3) -> list[dict]:
+    """GFLOP/s of large dense operations on this CPU with ``threads`` threads: a 3x3x3 conv3d
+    of 64 -> 64 channels on a 64^3 grid (float32 in both layouts; bfloat16 channels-last) and
+    a 2048^2 matmul (float32, bfloat16)."""
+    torch.set_num_threads(threads)
+    rows = []
+    x = torch.randn(1, 64, 64, 64, 64)
+    conv_flops = 2 * 27 * 64 * 64 * 64**3
+    with torch.inference_mode():
+        for dtype, channels_last in (("float32", False), ("float32", True), ("bfloat16", True)):
+            fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+            conv = torch.nn.Conv3d(64, 64, 3, padding=1).eval().to(getattr(torch, dtype), memory_format=fmt)
+            inp = x.to(getattr(torch, dtype), memory_format=fmt)
+            seconds = time_calls(lambda c=conv, i=inp: c(i), repeats)["seconds"]
+            rows.append({"op": "conv3d_64ch_64^3", "dtype": dtype, "channels_last": channels_last, "threads": threads,
+                         "gflops_per_s": conv_flops / seconds / 1e9})
+        a = torch.randn(2048, 2048)
+        for dtype in ("float32", "bfloat16"):
+            m = a.to(getattr(torch, dtype))
+            seconds = time_calls(lambda m=m: m @ m, repeats)["seconds"]
+            rows.append({"op": "matmul_2048", "dtype": dtype, "channels_last": False, "threads": threads,
+                         "gflops_per_s": 2 * 2048**3 / seconds / 1e9})
+    return rows
+
+
+def _random_inputs(folder: Path, grid, spacing: float, seed: int) -> dict:
+    """Random moving/fixed images and moving labels (35 structures) on the model's grid."""
+    rng = np.random.default_rng(seed)
+    affine = np.diag([spacing] * 3 + [1.0])
+    paths = {"moving": folder / "moving.nii", "fixed": folder / "fixed.nii", "labels": folder / "moving_labels.nii"}
+    for key in ("moving", "fixed"):
+        nib.save(nib.Nifti1Image(rng.random(grid, dtype=np.float32), affine), paths[key])
+    nib.save(nib.Nifti1Image(rng.integers(0, 36, grid).astype(np.int16), affine), paths["labels"])
+    return paths
+
+
+def profile_one(model_path: str, engine: str, grid, threads: int, repeats: int, warmup: int, seed: int = 0) -> dict:
+    """One configuration's stage times (medians), peak memory and FLOPs; run it isolated."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    precision, channels_last = _engine(engine)
+    grid = tuple(grid)
+    registrar = Registrar(model_path, "cpu", precision, channels_last, grid=grid)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        paths = _random_inputs(tmp, grid, registrar.prep.spacing_mm, seed)
+        outputs = {"warped_path": tmp / "warped.nii", "field_path": tmp / "field.nii",
+                   "warped_labels_path": tmp / "warped_labels.nii"}
+        runs = []
+        for i in range(warmup + repeats):
+            result = registrar.register(paths["moving"], paths["fixed"], paths["labels"])
+            t = time.perf_counter()
+            write_outputs(result, **outputs)
+            times = {**result["times"], "write": time.perf_counter() - t}
+            if i >= warmup:
+                runs.append(times)
+        t = time.perf_counter()
+        write_outputs(result, **{k: v.with_suffix(".nii.gz") for k, v in outputs.items()})
+        write_gz = time.perf_counter() - t
+    totals = [sum(r[s] for s in STAGES) for r in runs]
+    row = {f"{s}_s": statistics.median(r[s] for r in runs) for s in STAGES}
+    row.update({"total_s": statistics.median(totals), "total_min_s": min(totals), "write_nii_gz_s": write_gz,
+                # ru_maxrss is KiB on Linux: the whole process (python, torch, model, buffers)
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+    return row
+
+
+def count_flops(model_path: str, grid) -> dict:
+    """FLOPs of one forward pass (in its own process: counting runs float32 and would
+    otherwise set the profiled process's peak memory)."""
+    from .modelfile import load_model
+
+    return complexity(load_model(model_path)[0], tuple(grid))
+
+
+def engine_dice(model_path, engine: str, subjects: pd.DataFrame, test_pairs: pd.DataFrame, spacing: float) -> float:
+    """Mean Dice over the test pairs with the model run by ``engine`` (no HD95: Dice is the
+    guard)."""
+    precision, channels_last = _engine(engine)
+    registrar = Registrar(model_path, "cpu", precision, channels_last)
+    predict = lambda m, f: registrar.model(m, f, warp=False)["flow"].float()
+    per_pair, _ = evaluate_pairs(f"{Path(model_path).stem}:{engine}", predict, subjects, test_pairs, spacing, False)
+    return float(per_pair["dice"].mean()) if "dice" in per_pair else float("nan")
+
+
+def speed_profile(models: dict, engines, grids, thread_counts, repeats: int, warmup: int, subjects: pd.DataFrame,
+                  test_pairs: pd.DataFrame, spacing: float, reference: str, baseline_model: str,
+                  seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The profile table and the machine-throughput table.
+
+    ``reference`` is the engine every other engine's Dice is compared with (same model);
+    ``baseline_model`` is the model every speed-up and Dice change across models refers to
+    (the teacher, in the reference engine, same grid and threads)."""
+    machine = pd.DataFrame([r for n in thread_counts for r in run_isolated(
+        "ldreg.speed_profile:machine_throughput", threads=n)])
+    machine["cpu"], machine["torch"] = cpu_name(), torch.__version__
+    dice = {(m, e): engine_dice(p, e, subjects, test_pairs, spacing) for m, p in models.items() for e in engines}
+    flops = {(m, tuple(g)): run_isolated("ldreg.speed_profile:count_flops", model_path=str(p), grid=list(g))["flops"]
+             for m, p in models.items() for g in grids}
+    rows = []
+    configs = [(m, e, tuple(g), n) for m in models for e in engines for g in grids for n in thread_counts]
+    for k, (name, engine, grid, threads) in enumerate(configs, 1):
+        t = time.perf_counter()
+        res = run_isolated("ldreg.speed_profile:profile_one", model_path=str(models[name]), engine=engine,
+                           grid=list(grid), threads=threads, repeats=repeats, warmup=warmup, seed=seed)
+        log.info("[%d/%d] %s %s %s %d thread(s): %.3f s a pair (profiled in %.0f s)", k, len(configs), name, engine,
+                 "x".join(map(str, grid)), threads, res["total_s"], time.perf_counter() - t)
+        precision = _engine(engine)[0]
+        best = machine[machine.op.str.startswith("conv3d") & (machine.dtype == precision) & (machine.threads == threads)]
+        gflops = flops[(name, grid)] / 1e9
+        rows.append({"model": name, "engine": engine, "grid": "x".join(map(str, grid)), "threads": threads, **res,
+                     "gflops": gflops, "achieved_gflops_per_s": gflops / res["network_s"],
+                     "machine_conv3d_gflops_per_s": best.gflops_per_s.max(),
+                     "dice": dice[(name, engine)], "dice_change_vs_reference": dice[(name, engine)] - dice[(name, reference)],
+                     "repeats": repeats, "warmup": warmup, "seed": seed})
+    table = pd.DataFrame(rows)
+    table["fraction_of_machine"] = table.achieved_gflops_per_s / table.machine_conv3d_gflops_per_s
+    base = table[(table.model == baseline_model) & (table.engine == reference)].set_index(["grid", "threads"])
+    key = list(zip(table.grid, table.threads))
+    table["speedup_vs_baseline"] = [base.total_s.get(k, np.nan) for k in key] / table.total_s
+    table["network_speedup_vs_baseline"] = [base.network_s.get(k, np.nan) for k in key] / table.network_s
+    table["accuracy_note"] = np.where(table.dice_change_vs_reference < -DICE_TOLERANCE,
+                                      f"loses more than {DICE_TOLERANCE} Dice against {reference}", "")
+    order = ["model", "engine", "grid", "threads", "total_s", "total_min_s", *[f"{s}_s" for s in STAGES], "write_nii_gz_s",
+             "peak_rss_mb", "gflops", "achieved_gflops_per_s", "machine_conv3d_gflops_per_s", "fraction_of_machine",
+             "speedup_vs_baseline", "network_speedup_vs_baseline", "dice", "dice_change_vs_reference", "accuracy_note",
+             "repeats", "warmup", "seed"]
+    return table[order], machine
