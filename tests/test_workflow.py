@@ -65,6 +65,28 @@ def test_every_table_and_figure_exists_with_sane_values(tiny_run):
     assert (tiny_run / "benchmarks" / "train_teacher.tsv").exists()
 
 
+def test_speed_profile_covers_every_configuration_and_guards_accuracy(tiny_run):
+    profile = pd.read_csv(tiny_run / "tables" / "speed_profile.csv")
+    assert (tiny_run / "tables" / "speed_profile.md").exists()
+    # tiny config: 2 models x 2 engines x 1 grid x threads {1, 2} (capped at the machine's cores)
+    assert set(profile.model) == {"teacher", "student_aldk"} and set(profile.engine) == {"float32", "bfloat16_cl"}
+    assert len(profile) == 4 * profile.threads.nunique()
+    stages = profile[["preprocess_s", "network_s", "warp_s", "write_s"]]
+    assert (stages > 0).all().all()
+    np.testing.assert_allclose(profile.total_s, stages.sum(axis=1), rtol=0.5)  # medians of sums vs sums of medians
+    assert (profile.peak_rss_mb > 100).all() and (profile.gflops > 0).all()
+    assert profile.dice.between(0, 1).all()
+    reference = profile[profile.engine == "float32"]
+    assert (reference.dice_change_vs_reference == 0).all()
+    teacher = reference[reference.model == "teacher"]
+    np.testing.assert_allclose(teacher.speedup_vs_baseline, 1.0)
+    # the student has fewer FLOPs than the teacher on the same grid
+    by_model = profile.groupby("model").gflops.first()
+    assert by_model["student_aldk"] < by_model["teacher"]
+    machine = pd.read_csv(tiny_run / "tables" / "speed_machine.csv")
+    assert (machine.gflops_per_s > 0).all() and {"float32", "bfloat16"} <= set(machine.dtype)
+
+
 def test_forcing_one_variant_reruns_only_it_and_its_dependents(tiny_run):
     work = tiny_run.parent
     proc = _run(["all", "-n", "--cores", "2", "--forcerun", str(tiny_run / "models" / "student_distill.pt"),

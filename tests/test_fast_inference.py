@@ -1,0 +1,159 @@
+"""The CPU inference path of issue 7: every shortcut must give what the plain computation gives."""
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from nibabel.processing import resample_from_to
+
+from conftest import blob_volume
+from ldreg.data import Preprocessing, percentiles, resample_to_grid
+from ldreg.io import save_volume
+from ldreg.modelfile import save_model
+from ldreg.networks import (CascadeSpec, affine_field, build_network, compose_after_affine, prepare_for_inference)
+from ldreg.register import Registrar, write_outputs
+from ldreg.speed_profile import STAGES, profile_one
+from ldreg.warp import compose, grid_sample_threaded, identity_grid
+
+
+def _smooth_field(shape, amplitude, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(1, 3, *[max(2, s // 4) for s in shape], generator=g)
+    return amplitude * F.interpolate(coarse, size=shape, mode="trilinear", align_corners=True)
+
+
+def test_percentiles_equal_numpy():
+    data = np.random.default_rng(0).normal(size=(13, 7, 9)).astype(np.float32)
+    qs = [0, 0.5, 1, 50, 99, 99.5, 100]
+    np.testing.assert_allclose(percentiles(data, qs), np.percentile(data, qs), rtol=1e-6)
+    np.testing.assert_allclose(percentiles(np.asfortranarray(data), qs), np.percentile(data, qs), rtol=1e-6)
+
+
+def test_resampling_matches_nibabel_inside_and_shortcuts_whole_voxel_shifts():
+    rng = np.random.default_rng(0)
+    data = rng.random((30, 34, 28)).astype(np.float32)
+    source = np.array([[1.2, 0.1, 0, 3], [0, -1.1, 0.2, -5], [0.05, 0, 1.3, 2], [0, 0, 0, 1]])
+    target = np.diag([1.7, 1.5, 1.6, 1.0])
+    target[:3, 3] = [5, -40, 8]
+    ours = resample_to_grid(data, source, (20, 22, 18), target, order=1)
+    theirs = np.asarray(resample_from_to(nib.Nifti1Image(data, source), ((20, 22, 18), target), order=1).dataobj)
+    inside = (ours > 0) & (theirs > 0)  # the two differ only in how they fade out at the border
+    assert inside.mean() > 0.3
+    np.testing.assert_allclose(ours[inside], theirs[inside], atol=1e-5)
+    # a grid shifted by whole voxels: a crop/pad, exactly what interpolation gives
+    shifted = source.copy()
+    shifted[:3, 3] += source[:3, :3] @ np.array([2, -3, 1])
+    exact = np.asarray(resample_from_to(nib.Nifti1Image(data, source), ((30, 34, 28), shifted), order=1).dataobj)
+    np.testing.assert_array_equal(resample_to_grid(data, source, (30, 34, 28), shifted, 1), exact)
+    labels = rng.integers(0, 9, (30, 34, 28)).astype(np.int32)
+    warped = resample_to_grid(labels, source, (20, 22, 18), target, order=0)
+    assert warped.dtype == np.int32 and set(np.unique(warped)) <= set(np.unique(labels))
+
+
+@pytest.mark.parametrize("depth", [16, 15])  # 15: not divisible by the threads, plain path
+def test_threaded_grid_sample_equals_grid_sample(depth):
+    torch.set_num_threads(2)
+    image = torch.rand(1, 2, 12, 10, 14)
+    grid = torch.rand(1, depth, 9, 11, 3) * 2.2 - 1.1
+    with torch.inference_mode():
+        for mode in ("bilinear", "nearest"):
+            expected = F.grid_sample(image, grid, mode=mode, padding_mode="border", align_corners=True)
+            torch.testing.assert_close(grid_sample_threaded(image, grid, mode, "border"), expected)
+
+
+def test_closed_form_affine_composition_equals_sampled_composition_inside():
+    shape = (20, 24, 16)
+    matrix = torch.tensor([[[1.05, 0.03, 0.0], [-0.02, 0.97, 0.04], [0.01, 0.0, 1.02]]])
+    translation = torch.tensor([[0.8, -1.2, 0.5]])
+    affine = affine_field(matrix, translation, shape)
+    # the broadcast form equals the textbook (M - I)(x - c) + t
+    x = identity_grid(shape)
+    centred = x - torch.tensor([(s - 1) / 2 for s in shape]).view(3, 1, 1, 1)
+    textbook = torch.einsum("ij,j...->i...", matrix[0] - torch.eye(3), centred) + translation[0].view(3, 1, 1, 1)
+    torch.testing.assert_close(affine[0], textbook, atol=1e-5, rtol=0)
+    step = _smooth_field(shape, 1.5)
+    closed, sampled = compose_after_affine(affine, matrix, step), compose(affine, step)
+    inner = (slice(None), slice(None), slice(4, -4), slice(4, -4), slice(4, -4))  # sampling clamps at the border
+    torch.testing.assert_close(closed[inner], sampled[inner], atol=1e-4, rtol=0)
+
+
+def _strong_student(half_res_flow=False):
+    torch.manual_seed(0)
+    model = build_network(CascadeSpec(kind="student", width=8, depth=3, affine=True, affine_width=4,
+                                      half_res_flow=half_res_flow))
+    for stage in model.stages:  # a field of a few voxels instead of the near-zero initial one
+        torch.nn.init.normal_(stage.flow.weight, std=0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("half_res_flow", [False, True])
+def test_bfloat16_channels_last_field_is_close_to_float32(half_res_flow):
+    model = _strong_student(half_res_flow)
+    moving, fixed = torch.rand(1, 1, 32, 32, 32), torch.rand(1, 1, 32, 32, 32)
+    with torch.inference_mode():
+        reference = model(moving, fixed)
+        fast = prepare_for_inference(model, "bfloat16", channels_last=True)(moving, fixed, warp=False)
+    assert "warped" not in fast and fast["flow"].dtype == torch.float32 and fast["flow"].is_contiguous()
+    scale = reference["flow"].abs().max()
+    assert scale > 0.5  # a real field, not the identity
+    # bf16 keeps 8 bits of mantissa: within a few percent of the field's size
+    assert (fast["flow"] - reference["flow"]).abs().max() < 0.05 * scale
+
+
+def test_prepare_for_inference_refuses_an_unknown_precision():
+    with pytest.raises(ValueError, match="precision must be one of"):
+        prepare_for_inference(_strong_student(), "float16")
+
+
+def _pair_on_grid(tmp_path, shape, spacing):
+    image, labels = blob_volume(shape, radius=min(shape) / 3)
+    moved, _ = blob_volume(shape, centre=[s / 2 + 1.5 for s in shape], radius=min(shape) / 3)
+    affine = np.diag([spacing] * 3 + [1.0])
+    paths = {"moving": tmp_path / "moving.nii", "fixed": tmp_path / "fixed.nii", "labels": tmp_path / "labels.nii"}
+    nib.save(nib.Nifti1Image(moved, affine), paths["moving"])
+    nib.save(nib.Nifti1Image(image, affine), paths["fixed"])
+    nib.save(nib.Nifti1Image(labels.astype(np.int16), affine), paths["labels"])
+    return paths, affine
+
+
+def test_on_grid_shortcut_gives_what_the_general_path_gives(tmp_path):
+    """Images already on the model's grid skip every map between grids; the same fixed image
+    stored with its first axis flipped forces the general path, whose answer must agree."""
+    prep = Preprocessing(spacing_mm=2.0, grid=(32, 32, 32))
+    model_path = tmp_path / "student.pt"
+    save_model(model_path, _strong_student(), prep, {}, "student")
+    paths, affine = _pair_on_grid(tmp_path, (32, 32, 32), 2.0)
+    registrar = Registrar(model_path)
+    fast = registrar.register(paths["moving"], paths["fixed"], paths["labels"])
+    flipped_affine = affine @ np.array([[-1, 0, 0, 31], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]])
+    flipped = np.ascontiguousarray(np.flip(np.asarray(nib.load(paths["fixed"]).dataobj), 0))
+    nib.save(nib.Nifti1Image(flipped, flipped_affine), tmp_path / "fixed_flipped.nii")
+    general = registrar.register(paths["moving"], tmp_path / "fixed_flipped.nii", paths["labels"])
+    assert np.abs(fast["field"]).max() > 0.5
+    np.testing.assert_allclose(np.flip(general["warped"], 0), fast["warped"], atol=1e-4)
+    # the field is in fixed voxels: along the flipped axis it changes sign
+    unflipped = np.flip(general["field"], 1) * np.array([-1, 1, 1]).reshape(3, 1, 1, 1)
+    np.testing.assert_allclose(unflipped, fast["field"], atol=1e-4)
+    assert (np.flip(general["warped_labels"], 0) != fast["warped_labels"]).mean() < 0.001
+    assert fast["warped_labels"].dtype == np.int16  # the label file's own type
+    write_outputs(fast, tmp_path / "w.nii", tmp_path / "f.nii.gz", tmp_path / "l.nii")
+    written = nib.load(tmp_path / "f.nii.gz")
+    np.testing.assert_allclose(np.asarray(written.dataobj), np.moveaxis(fast["field"], 0, -1))
+    np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "l.nii").dataobj), fast["warped_labels"])
+
+
+def test_fortran_ordered_writing_keeps_the_data(tmp_path):
+    data = np.random.default_rng(0).random((5, 6, 7, 3)).astype(np.float32)
+    for array in (data, np.asfortranarray(data), np.moveaxis(np.moveaxis(data, -1, 0).copy(), 0, -1)):
+        save_volume(tmp_path / "x.nii", array, np.eye(4))
+        np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "x.nii").dataobj), data)
+
+
+def test_profile_one_times_every_stage(tmp_path):
+    prep = Preprocessing(spacing_mm=2.0, grid=(32, 32, 32))
+    model_path = tmp_path / "student.pt"
+    save_model(model_path, _strong_student(True), prep, {}, "student")
+    row = profile_one(str(model_path), "bfloat16_cl", [16, 24, 32], threads=1, repeats=2, warmup=1)
+    assert all(row[f"{s}_s"] > 0 for s in STAGES)
+    assert row["total_min_s"] <= row["total_s"] <= 1.5 * sum(row[f"{s}_s"] for s in STAGES)
+    assert row["peak_rss_mb"] > 50 and row["write_nii_gz_s"] > 0
