@@ -16,19 +16,21 @@ import torch
 from .io import InputError
 from .modelfile import load_model
 from .networks import PRECISIONS, complexity
-from .register import Registrar, write_outputs
+from .register import Registrar, default_precision, write_outputs
 
 
 def _cmd_register(args) -> None:
     t0 = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
-    registrar = Registrar(args.model, args.device, args.precision, channels_last=args.precision == "bfloat16")
+    precision = default_precision(args.device) if args.precision == "auto" else args.precision
+    registrar = Registrar(args.model, args.device, precision, channels_last=precision == "bfloat16")
     load_seconds = time.perf_counter() - t0
     result = registrar.register(args.moving, args.fixed, args.moving_labels)
     t = time.perf_counter()
     write_outputs(result, args.warped, args.field, args.warped_labels)
     times = {"load_model": load_seconds, **result["times"], "write": time.perf_counter() - t}
+    print(f"{'precision':>11}: {precision}")
     for stage, seconds in times.items():
         print(f"{stage:>11}: {seconds:7.3f} s")
     print(f"{'total':>11}: {time.perf_counter() - t0:7.3f} s")
@@ -83,8 +85,9 @@ def _register_args(p) -> None:
     p.add_argument("--moving-labels", help="label map of the moving image")
     p.add_argument("--warped-labels", help="output: moving labels warped (nearest)")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--precision", choices=sorted(PRECISIONS), default="float32",
-                   help="convolutions in float32, or bfloat16 (channels-last) on CPUs with bf16 units")
+    p.add_argument("--precision", choices=["auto", *sorted(PRECISIONS)], default="auto",
+                   help="convolutions in float32 or bfloat16 (channels-last); auto: bfloat16 where the CPU has "
+                        "bf16 units (AMX, AVX512-BF16), else float32")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.set_defaults(func=_cmd_register)
 

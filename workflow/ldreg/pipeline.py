@@ -285,13 +285,15 @@ def speed_profile(config, model_paths: dict, subjects_csv, pairs_csv, profile_cs
             raise ValueError(f"speed_profile.models: {name!r} is not a model of this run ({sorted(model_paths)})")
     if sp["baseline_model"] not in sp["models"] or sp["reference_engine"] not in sp["engines"]:
         raise ValueError("speed_profile: baseline_model must be in models and reference_engine in engines")
+    if sp.get("reference_model") and sp["reference_model"] not in sp["models"]:
+        raise ValueError(f"speed_profile.reference_model {sp['reference_model']!r} must be one of models {sp['models']}")
     pairs = pd.read_csv(pairs_csv)
     counts = sorted({usable_threads(n) for n in sp["threads"]})
     grids = [tuple(config["preprocessing"]["grid"])] + [tuple(g) for g in sp["extra_grids"]]
     table, machine = profile(model_paths, sp["engines"], grids, counts, sp["repeats"], sp["warmup"],
                              pd.read_csv(subjects_csv), pairs[pairs.split == "test"],
                              config["preprocessing"]["spacing_mm"], sp["reference_engine"], sp["baseline_model"],
-                             config["seed"])
+                             sp.get("reference_model"), config["seed"])
     log.info("\n%s", table[["model", "engine", "grid", "threads", "total_s", "network_s", "peak_rss_mb", "dice"]].to_string())
     write_table(table, Path(profile_csv).with_suffix(""))
     write_table(machine, Path(machine_csv).with_suffix(""))

@@ -15,6 +15,7 @@ import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -37,6 +38,22 @@ class Prepared:
     img: nib.Nifti1Image
     image: np.ndarray
     affine: np.ndarray
+
+
+def native_bfloat16() -> bool:
+    """Whether the CPU multiplies bfloat16 in hardware (AMX or AVX512-BF16). Without it, bf16
+    convolutions are emulated and slower than float32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("amx_bf16", "avx512_bf16"))
+
+
+def default_precision(device: str = "cpu") -> str:
+    """bfloat16 on CPUs with bf16 units (fields within 1e-4 mean Dice of float32 in the speed
+    profile), float32 elsewhere and on GPUs."""
+    return "bfloat16" if device == "cpu" and native_bfloat16() else "float32"
 
 
 def _is_identity(matrix: np.ndarray) -> bool:
@@ -65,6 +82,7 @@ class Registrar:
     def __init__(self, model_path, device: str = "cpu", precision: str = "float32", channels_last: bool = False,
                  grid=None):
         self.model, prep, self.payload = load_model(model_path, device)
+        self.precision = precision
         self.prep: Preprocessing = dataclasses.replace(prep, grid=tuple(grid)) if grid else prep
         self.device = device
         prepare_for_inference(self.model, precision, channels_last)

@@ -141,12 +141,13 @@ def engine_dice(model_path, engine: str, subjects: pd.DataFrame, test_pairs: pd.
 
 def speed_profile(models: dict, engines, grids, thread_counts, repeats: int, warmup: int, subjects: pd.DataFrame,
                   test_pairs: pd.DataFrame, spacing: float, reference: str, baseline_model: str,
-                  seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+                  reference_model: str | None = None, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The profile table and the machine-throughput table.
 
     ``reference`` is the engine every other engine's Dice is compared with (same model);
-    ``baseline_model`` is the model every speed-up and Dice change across models refers to
-    (the teacher, in the reference engine, same grid and threads)."""
+    ``baseline_model`` is the model every speed-up refers to (the teacher, in the reference
+    engine, same grid and threads); ``reference_model`` (in the reference engine) is what a
+    faster architecture's Dice is compared with (the full-resolution student)."""
     machine = pd.DataFrame([r for n in thread_counts for r in run_isolated(
         "ldreg.speed_profile:machine_throughput", threads=n)])
     machine["cpu"], machine["torch"] = cpu_name(), torch.__version__
@@ -175,10 +176,18 @@ def speed_profile(models: dict, engines, grids, thread_counts, repeats: int, war
     key = list(zip(table.grid, table.threads))
     table["speedup_vs_baseline"] = [base.total_s.get(k, np.nan) for k in key] / table.total_s
     table["network_speedup_vs_baseline"] = [base.network_s.get(k, np.nan) for k in key] / table.network_s
-    table["accuracy_note"] = np.where(table.dice_change_vs_reference < -DICE_TOLERANCE,
-                                      f"loses more than {DICE_TOLERANCE} Dice against {reference}", "")
+    notes = np.where(table.dice_change_vs_reference < -DICE_TOLERANCE,
+                     f"loses more than {DICE_TOLERANCE} Dice against {reference}", "")
+    if reference_model:
+        table["dice_change_vs_reference_model"] = table.dice - dice[(reference_model, reference)]
+        worse = (table.dice_change_vs_reference_model < -DICE_TOLERANCE) & (table.model != baseline_model)
+        notes = [("; " if n else "").join(filter(None, [n, f"loses more than {DICE_TOLERANCE} Dice against "
+                                                         f"{reference_model} {reference}" if w else ""]))
+                 for n, w in zip(notes, worse)]
+    table["accuracy_note"] = notes
     order = ["model", "engine", "grid", "threads", "total_s", "total_min_s", *[f"{s}_s" for s in STAGES], "write_nii_gz_s",
              "peak_rss_mb", "gflops", "achieved_gflops_per_s", "machine_conv3d_gflops_per_s", "fraction_of_machine",
-             "speedup_vs_baseline", "network_speedup_vs_baseline", "dice", "dice_change_vs_reference", "accuracy_note",
+             "speedup_vs_baseline", "network_speedup_vs_baseline", "dice", "dice_change_vs_reference",
+             *(["dice_change_vs_reference_model"] if reference_model else []), "accuracy_note",
              "repeats", "warmup", "seed"]
     return table[order], machine
