@@ -160,3 +160,12 @@ def test_training_resumes_from_checkpoint(tmp_path):
     resumed, resumed_losses, _ = train(build_network(spec), pairs, images, cfg, tmp_path / "b.ckpt", show_progress=False)
     assert len(resumed_losses) == 6
     np.testing.assert_allclose(resumed_losses.loss.values, full_losses.loss.values, rtol=1e-4)
+
+
+def test_training_stops_with_a_clear_error_when_the_loss_is_not_finite(tmp_path):
+    images, _, pairs = _shifted_pairs(shape=(16, 16, 16))
+    images = {k: torch.full_like(v, float("nan")) for k, v in images.items()}
+    spec = CascadeSpec(kind="student", width=4, depth=3, affine=False)
+    with pytest.raises(ValueError, match="training diverged at step 1: .*similarity"):
+        train(build_network(spec), pairs, images, TrainConfig(steps=3, lr=1e-3), tmp_path / "c.ckpt", show_progress=False)
+    assert not (tmp_path / "c.ckpt").exists()

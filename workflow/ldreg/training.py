@@ -183,6 +183,10 @@ def train(model: CascadedRegistration, pairs: pd.DataFrame, images: dict, cfg: T
             row["critic"], row["wasserstein"] = float(d_loss.detach()), float(wasserstein.detach())
         out = model(moving, fixed)
         terms = _loss_terms(model, out, moving, fixed, cfg, teacher_flow, critic)
+        if not torch.isfinite(terms["loss"]):  # stop before NaN reaches the weights and the model file
+            bad = ", ".join(k for k, v in terms.items() if not torch.isfinite(v))
+            raise ValueError(f"training diverged at step {step + 1}: {bad} not finite; the last checkpoint "
+                             f"({checkpoint_path}) is kept; try a lower learning rate")
         optimiser.zero_grad(set_to_none=True)
         terms["loss"].backward()
         optimiser.step()
