@@ -24,7 +24,8 @@ def _cmd_register(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     precision = default_precision(args.device) if args.precision == "auto" else args.precision
-    registrar = Registrar(args.model, args.device, precision, channels_last=precision == "bfloat16")
+    # channels-last helps float32 too (oneDNN's fast 3D kernels): 1.69 -> 1.32 s at 128^3, 2 threads
+    registrar = Registrar(args.model, args.device, precision, channels_last=True)
     load_seconds = time.perf_counter() - t0
     result = registrar.register(args.moving, args.fixed, args.moving_labels)
     t = time.perf_counter()
@@ -86,7 +87,7 @@ def _register_args(p) -> None:
     p.add_argument("--warped-labels", help="output: moving labels warped (nearest)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--precision", choices=["auto", *sorted(PRECISIONS)], default="auto",
-                   help="convolutions in float32 or bfloat16 (channels-last); auto: bfloat16 where the CPU has "
+                   help="convolutions (channels-last) in float32 or bfloat16; auto: bfloat16 where the CPU has "
                         "bf16 units (AMX, AVX512-BF16), else float32")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.set_defaults(func=_cmd_register)
