@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import platform
-import resource
 import statistics
 import tempfile
 import time
@@ -28,7 +27,7 @@ import torch
 from .evaluate import evaluate_pairs
 from .networks import complexity
 from .register import Registrar, write_outputs
-from .timing import run_isolated, time_calls
+from .timing import peak_rss_mb, run_isolated, time_calls
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +115,7 @@ def profile_one(model_path: str, engine: str, grid, threads: int, repeats: int, 
     totals = [sum(r[s] for s in STAGES) for r in runs]
     row = {f"{s}_s": statistics.median(r[s] for r in runs) for s in STAGES}
     row.update({"total_s": statistics.median(totals), "total_min_s": min(totals), "write_nii_gz_s": write_gz,
-                # ru_maxrss is KiB on Linux: the whole process (python, torch, model, buffers)
-                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+                "peak_rss_mb": peak_rss_mb()})
     return row
 
 

@@ -9,6 +9,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -28,14 +29,28 @@ def time_calls(fn, repeats: int, warmup: int = 1) -> dict:
     return {"seconds": statistics.median(times), "seconds_min": min(times)}
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (python, torch, model and buffers). VmHWM, not
+    ``ru_maxrss``: Linux carries ``ru_maxrss`` over from the forking parent through exec, so a
+    subprocess would report its parent's size whenever that was larger."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    # elsewhere (macOS: bytes; other systems: KiB) -- an upper bound, see above
+    scale = 1024 * 1024 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
+
+
 def _measure(model_path, grid, threads, repeats, warmup) -> dict:
     torch.set_num_threads(threads)
     model, _, _ = load_model(model_path, "cpu")
     moving, fixed = torch.rand(1, 1, *tuple(grid)), torch.rand(1, 1, *tuple(grid))
     with torch.inference_mode():
         result = time_calls(lambda: model(moving, fixed, warp=False), repeats, warmup)
-    # ru_maxrss is in KiB on Linux: the whole process (python, torch and the model included)
-    return {**result, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {**result, "peak_rss_mb": peak_rss_mb()}
 
 
 def run_isolated(target: str, timeout: float = 3600, **kwargs):
