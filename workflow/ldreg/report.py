@@ -73,7 +73,8 @@ def ablation_table(accuracy: pd.DataFrame, variants: dict) -> pd.DataFrame:
             continue
         a = acc.iloc[0]
         rows.append({"variant": name, "cascades": v.get("cascades", 1), "distillation": v.get("distillation", "none"),
-                     "adversarial": bool(v.get("adversarial", False)), "parameters": a.parameters, "dice": a.dice,
+                     "adversarial": bool(v.get("adversarial", False)),
+                     "half_res_flow": bool(v.get("half_res_flow", False)), "parameters": a.parameters, "dice": a.dice,
                      "dice_mean": a.dice_mean, "hd95_mm": a.hd95_mm, "folding_percent": a.folding_percent,
                      "cpu_s_per_pair": a.cpu_s_per_pair})
     return pd.DataFrame(rows)
