@@ -27,9 +27,9 @@ def flow_predictor(method: str, model_path=None, device: str = "cpu"):
     if method == "affine":
         if model.affine is None:
             raise ValueError(f"{model_path}: has no affine stage to evaluate")
-        return lambda m, f: model(m.to(device), f.to(device), upto=0)["flow"].cpu()
+        return lambda m, f: model(m.to(device), f.to(device), upto=0, warp=False)["flow"].cpu()
     if method == "model":
-        return lambda m, f: model(m.to(device), f.to(device))["flow"].cpu()
+        return lambda m, f: model(m.to(device), f.to(device), warp=False)["flow"].cpu()
     raise ValueError(f"unknown method {method!r}")
 
 

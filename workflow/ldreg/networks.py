@@ -212,7 +212,7 @@ class CascadedRegistration(nn.Module):
             out["affine"] = (matrix, translation)
             out["fields"].append(flow)
         stages = list(self.stages if upto is None else self.stages[:upto])
-        warped = moving if flow is None else warp_image(moving, flow)
+        warped = moving if flow is None or not (stages or warp) else warp_image(moving, flow)
         for k, stage in enumerate(stages):
             step = stage(warped, fixed)
             out["fields"].append(step)

@@ -249,7 +249,7 @@ def figures(config, eval_csvs: dict, accuracy_csv, loss_csvs: dict, model_paths:
         for name, path in model_paths.items():
             model = load_model(path)[0]
             m, f = torch.from_numpy(moving)[None, None], torch.from_numpy(fixed)[None, None]
-            flow = model(m, f)["flow"]
+            flow = model(m, f, warp=False)["flow"]
             wl = warp_labels(torch.from_numpy(mov_lab)[None, None], flow)[0, 0].numpy() if has_labels else None
             results[name] = (warp_image(m, flow)[0, 0].numpy(), wl, flow[0].numpy())
     qualitative_panel(moving, fixed, fix_lab, results, out_dir / "qualitative.png")
