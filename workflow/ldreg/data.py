@@ -282,11 +282,11 @@ class Preprocessing:
         return d
 
 
-def target_grid(img, data: np.ndarray, prep: Preprocessing, robust_range=None) -> np.ndarray:
+def target_grid(img, data: np.ndarray, prep: Preprocessing, robust_range) -> np.ndarray:
     """RAS affine of the preprocessed grid: configured spacing, centred on the foreground's
     bounding box in world space (the box is cropped or padded to the grid). ``robust_range`` is
-    the image's 1st and 99th percentile when the caller has them already."""
-    lo, hi = np.percentile(data, [1, 99]) if robust_range is None else robust_range
+    the image's 1st and 99th percentile."""
+    lo, hi = robust_range
     mask = data > lo + prep.foreground_fraction * (hi - lo)
     corners = np.zeros((2, 3), dtype=int)
     corners[1] = np.array(data.shape) - 1
@@ -313,9 +313,8 @@ def percentiles(data: np.ndarray, qs) -> np.ndarray:
     return part[below] + (positions - below) * (part[above] - part[below])
 
 
-def normalise(data: np.ndarray, percentiles=None, value_range=None) -> np.ndarray:
-    """Intensities mapped to [0, 1] between two percentiles (or a given ``value_range``)."""
-    lo, hi = np.percentile(data, percentiles) if value_range is None else value_range
+def normalise(data: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Intensities mapped to [0, 1] between ``lo`` and ``hi`` (clipped)."""
     scaled = torch.from_numpy(np.asarray(data, dtype=np.float32)).sub(float(lo)).div_(max(float(hi - lo), 1e-6))
     return scaled.clamp_(0, 1).numpy()
 
@@ -368,7 +367,7 @@ def preprocess_array(data: np.ndarray, img, prep: Preprocessing) -> tuple[np.nda
     # one partial sort for both the foreground threshold and the normalisation
     lo1, hi99, lo, hi = percentiles(data, [1, 99, *prep.percentiles])
     affine = target_grid(img, data, prep, (lo1, hi99))
-    return resample_to_grid(normalise(data, value_range=(lo, hi)), img.affine, prep.grid, affine, order=1), affine
+    return resample_to_grid(normalise(data, lo, hi), img.affine, prep.grid, affine, order=1), affine
 
 
 def preprocess_image(path, prep: Preprocessing, labels_path=None, label_map: dict | None = None):

@@ -110,7 +110,7 @@ class DenseNet(nn.Module):
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
         check_divisible("DenseNet input", moving.shape[2:], 2**self.depth)
-        x = _as_conv_input(torch.cat([moving, fixed], 1), self.flow)
+        x = _as_conv_input(torch.cat([moving, fixed], 1), self.encoders[0][0])
         skips = [x]
         for enc in self.encoders:
             x = enc(x)

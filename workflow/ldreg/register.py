@@ -25,7 +25,7 @@ from .data import Preprocessing, preprocess_array
 from .io import InputError, field_to_nifti_array, load_volume, save_volume
 from .modelfile import load_model
 from .networks import prepare_for_inference
-from .warp import grid_sample_threaded, identity_grid, warp_image, warp_labels
+from .warp import identity_grid, label_sampling_dtype, sample_at, warp_image, warp_labels
 
 
 @dataclass
@@ -66,13 +66,6 @@ def _apply(matrix: np.ndarray, points: torch.Tensor) -> torch.Tensor:
     return torch.einsum("ij,j...->i...", m[:3, :3], points) + m[:3, 3].view(3, *[1] * (points.ndim - 1))
 
 
-def _sample_at(volume: torch.Tensor, coords: torch.Tensor, mode: str) -> torch.Tensor:
-    """Sample a (C, D, H, W) volume at voxel coordinates (3, d, h, w), border clamping."""
-    size = torch.tensor(volume.shape[1:], dtype=coords.dtype).view(3, 1, 1, 1)
-    grid = (2 * coords / (size - 1).clamp_min(1) - 1).flip(0).permute(1, 2, 3, 0)[None]
-    return grid_sample_threaded(volume[None], grid.to(volume.dtype), mode, "border")[0]
-
-
 class Registrar:
     """A model loaded for registering pairs. ``precision`` and ``channels_last`` choose how the
     convolutions run (see :func:`ldreg.networks.prepare_for_inference`); ``grid`` overrides the
@@ -82,7 +75,6 @@ class Registrar:
     def __init__(self, model_path, device: str = "cpu", precision: str = "float32", channels_last: bool = False,
                  grid=None):
         self.model, prep, self.payload = load_model(model_path, device)
-        self.precision = precision
         self.prep: Preprocessing = dataclasses.replace(prep, grid=tuple(grid)) if grid else prep
         self.device = device
         prepare_for_inference(self.model, precision, channels_last)
@@ -120,14 +112,15 @@ class Registrar:
         else:
             grid = identity_grid(fixed_shape)
             x_pre = _apply(fixed_to_pre, grid)
-            target = x_pre + _sample_at(flow, x_pre, "bilinear")  # moving preprocessed voxel
+            target = x_pre + sample_at(flow, x_pre, "bilinear")  # moving preprocessed voxel
             moving_vox = _apply(pre_to_moving, target)
             field = _apply(pre_to_fixed, target) - grid
-            warped = _sample_at(torch.from_numpy(moving.raw)[None], moving_vox, "bilinear")[0]
+            warped = sample_at(torch.from_numpy(moving.raw)[None], moving_vox, "bilinear")[0]
             warped_labels = None
-            if labels is not None:  # float64 keeps every integer label exact
-                sampled = _sample_at(torch.from_numpy(labels).double()[None], moving_vox.double(), "nearest")[0]
-                warped_labels = sampled.round()
+            if labels is not None:
+                labels_t = torch.from_numpy(labels)
+                dtype = label_sampling_dtype(labels_t)
+                warped_labels = sample_at(labels_t.to(dtype)[None], moving_vox.to(dtype), "nearest")[0].round()
         if warped_labels is not None:  # the label file's own integer type (float-stored labels: int32)
             stored = labels_img.get_data_dtype()
             warped_labels = warped_labels.numpy().astype(stored if np.issubdtype(stored, np.integer) else np.int32)

@@ -51,6 +51,19 @@ def _sample(image: torch.Tensor, field: torch.Tensor, mode: str) -> torch.Tensor
     return grid_sample_threaded(image, grid, mode, "border")
 
 
+def sample_at(volume: torch.Tensor, coords: torch.Tensor, mode: str) -> torch.Tensor:
+    """Sample a (C, D, H, W) volume at voxel coordinates (3, d, h, w) of another grid, border
+    clamping; (C, d, h, w)."""
+    size = torch.tensor(volume.shape[1:], dtype=coords.dtype, device=coords.device).view(3, 1, 1, 1)
+    grid = (2 * coords / (size - 1).clamp_min(1) - 1).flip(0).permute(1, 2, 3, 0)[None]
+    return grid_sample_threaded(volume[None], grid.to(volume.dtype), mode, "border")[0]
+
+
+def label_sampling_dtype(labels: torch.Tensor) -> torch.dtype:
+    """float32 holds integer labels exactly below 2^24 (and samples faster); float64 beyond."""
+    return torch.float32 if labels.numel() == 0 or labels.abs().max() < 2**24 else torch.float64
+
+
 def warp_image(image: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
     """Trilinear warp of ``image`` (B, C, D, H, W) by ``field`` (B, 3, D, H, W)."""
     check_volume_batch("image", image)
@@ -64,8 +77,7 @@ def warp_labels(labels: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
     if not isinstance(labels, torch.Tensor) or labels.ndim != 5:
         raise ValueError(f"labels: expected a tensor shaped (B, 1, D, H, W), got {getattr(labels, 'shape', type(labels))}")
     check_field_batch("field", field, labels.shape[2:])
-    # float32 holds integer labels exactly below 2^24 (and samples faster); float64 beyond
-    dtype = torch.float32 if labels.numel() == 0 or labels.abs().max() < 2**24 else torch.float64
+    dtype = label_sampling_dtype(labels)
     warped = _sample(labels.to(dtype), field.to(dtype), "nearest")
     return warped.round().to(labels.dtype)
 
