@@ -8,6 +8,7 @@ from ldreg.losses import (affine_losses, correlation_loss, critic_loss, distilla
                           smoothness_loss)
 from ldreg.metrics import mean_dice
 from ldreg.networks import CascadeSpec, Critic, affine_field, build_network, complexity, count_parameters
+from ldreg.guard import TrainingDiverged
 from ldreg.training import TrainConfig, train
 from ldreg.warp import warp_image, warp_labels
 
@@ -99,7 +100,7 @@ def test_thirty_student_steps_lower_the_loss_and_raise_dice(tmp_path):
     pairs = pd.DataFrame([{"pair_id": "m__f", "moving": "m", "fixed": "f"}])
     model = build_network(CascadeSpec(kind="student", width=8, depth=3, affine=False))
     cfg = TrainConfig(steps=30, lr=3e-3, smoothness_weight=0.01, checkpoint_every=1000)
-    model, losses, _ = train(model, pairs, images, cfg, tmp_path / "ckpt", show_progress=False)
+    model, losses, _, _ = train(model, pairs, images, cfg, tmp_path / "ckpt", show_progress=False)
     assert losses.loss.iloc[-3:].mean() < 0.2 * losses.loss.iloc[0]
     with torch.no_grad():
         flow = model(images["m"], images["f"])["flow"]
@@ -124,7 +125,7 @@ def test_aldk_trains_both_student_and_critic_and_critic_ranks_teacher_higher(tmp
     model = build_network(CascadeSpec(kind="student", width=4, depth=3, affine=False))
     before = [p.detach().clone() for p in model.parameters()]
     cfg = TrainConfig(steps=6, lr=1e-3, adversarial=True, critic_lr=5e-3, critic_width=4, critic_steps=2, checkpoint_every=1000)
-    model, losses, critic = train(model, pairs, images, cfg, tmp_path / "ckpt", flow_cache=_Cache(teacher), show_progress=False)
+    model, losses, _, critic = train(model, pairs, images, cfg, tmp_path / "ckpt", flow_cache=_Cache(teacher), show_progress=False)
     assert isinstance(critic, Critic)
     moved = [not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters())]
     assert all(moved), "every student tensor (flow head included) must receive gradient"
@@ -152,12 +153,12 @@ def test_training_resumes_from_checkpoint(tmp_path):
     spec = CascadeSpec(kind="student", width=4, depth=3, affine=False)
     cfg = TrainConfig(steps=6, lr=1e-3, checkpoint_every=3)
     torch.manual_seed(0)
-    full, full_losses, _ = train(build_network(spec), pairs, images, cfg, tmp_path / "a.ckpt", show_progress=False)
+    full, full_losses, _, _ = train(build_network(spec), pairs, images, cfg, tmp_path / "a.ckpt", show_progress=False)
     torch.manual_seed(0)
     # an interrupted run: 3 steps (writing the checkpoint at step 3), then a fresh process resumes
     train(build_network(spec), pairs, images, TrainConfig(steps=4, lr=1e-3, checkpoint_every=3), tmp_path / "b.ckpt", show_progress=False)
     torch.manual_seed(0)
-    resumed, resumed_losses, _ = train(build_network(spec), pairs, images, cfg, tmp_path / "b.ckpt", show_progress=False)
+    resumed, resumed_losses, _, _ = train(build_network(spec), pairs, images, cfg, tmp_path / "b.ckpt", show_progress=False)
     assert len(resumed_losses) == 6
     np.testing.assert_allclose(resumed_losses.loss.values, full_losses.loss.values, rtol=1e-4)
 
@@ -169,3 +170,61 @@ def test_training_stops_with_a_clear_error_when_the_loss_is_not_finite(tmp_path)
     with pytest.raises(ValueError, match="training diverged at step 1: .*similarity"):
         train(build_network(spec), pairs, images, TrainConfig(steps=3, lr=1e-3), tmp_path / "c.ckpt", show_progress=False)
     assert not (tmp_path / "c.ckpt").exists()
+
+
+def test_an_absurd_learning_rate_is_caught_and_no_model_leaves(tmp_path):
+    """Divergence without NaN: the guard names the model, the step and the symptom."""
+    images, _, pairs = _shifted_pairs(shape=(16, 16, 16))
+    spec = CascadeSpec(kind="student", width=4, depth=3, affine=False)
+    cfg = TrainConfig(steps=40, lr=50.0, max_restarts=0, checkpoint_every=1000)
+    with pytest.raises(TrainingDiverged, match=r"student_x: training diverged at step \d+: (field RMS|similarity loss)"):
+        train(build_network(spec), pairs, images, cfg, tmp_path / "d.ckpt", show_progress=False, name="student_x")
+
+
+def test_a_divergence_is_remedied_from_the_last_good_state(tmp_path, caplog):
+    images, _, pairs = _shifted_pairs(shape=(16, 16, 16))
+    spec = CascadeSpec(kind="student", width=4, depth=3, affine=False)
+    # lr 50 diverges at once; each remedy halves it from the last good state: 3 halvings are not enough
+    cfg = TrainConfig(steps=30, lr=50.0, max_restarts=3, checkpoint_every=1000, validate_every=5)
+    with caplog.at_level("WARNING"), pytest.raises(TrainingDiverged, match="3 restart"):
+        train(build_network(spec), pairs, images, cfg, tmp_path / "e.ckpt", show_progress=False)
+    assert caplog.text.count("back to the last good state") == 3
+    # with room for enough halvings the run ends, after restarts from its last validated state
+    cfg = TrainConfig(steps=30, lr=1.0, max_restarts=12, checkpoint_every=1000, validate_every=5)
+    ok = lambda model: {"dice": 0.5, "folding_percent": 0.0}
+    model, losses, val_log, _ = train(build_network(spec), pairs, images, cfg, tmp_path / "f.ckpt", show_progress=False,
+                                      validate=ok)
+    assert len(losses) == 30 and np.isfinite(losses.loss).all() and list(losses.step) == list(range(1, 31))
+    assert losses.lr.iloc[-1] < 1.0 and val_log.restarts.iloc[0] >= 1
+
+
+def test_a_sabotaged_critic_is_caught(tmp_path):
+    """A critic trained with an absurd rate and no gradient penalty runs away: caught."""
+    images, _, pairs = _shifted_pairs(shape=(16, 16, 16))
+    teacher = {pid: torch.nn.functional.interpolate(torch.randn(1, 3, 2, 2, 2) * 2, size=(16, 16, 16), mode="trilinear")
+               for pid in pairs.pair_id}
+    spec = CascadeSpec(kind="student", width=4, depth=3, affine=False)
+    cfg = TrainConfig(steps=60, lr=1e-3, adversarial=True, critic_lr=1.0, gp_weight=0.0, critic_steps=3,
+                      critic_width=4, max_restarts=0, checkpoint_every=1000)
+    with pytest.raises(TrainingDiverged, match="training diverged at step"):
+        train(build_network(spec), pairs, images, cfg, tmp_path / "g.ckpt", flow_cache=_Cache(teacher),
+              show_progress=False)
+
+
+def test_validation_is_logged_and_guards_folding(tmp_path):
+    images, labels, pairs = _shifted_pairs(shape=(16, 16, 16))
+    spec = CascadeSpec(kind="student", width=4, depth=3, affine=False)
+    calls = []
+
+    def validate(model):  # a stand-in scorer: the learning curve records what it returns
+        calls.append(model is None)
+        return {"dice": 0.5, "folding_percent": 0.0 if len(calls) < 3 else 5.0}
+
+    cfg = TrainConfig(steps=6, lr=1e-3, validate_every=2, max_restarts=0, checkpoint_every=1000)
+    with pytest.raises(TrainingDiverged, match="validation folding 5.00 %"):
+        train(build_network(spec), pairs, images, cfg, tmp_path / "h.ckpt", show_progress=False, validate=validate)
+    calls.clear()
+    validate_ok = lambda model: {"dice": 0.5, "folding_percent": 0.0}
+    _, _, val_log, _ = train(build_network(spec), pairs, images, cfg, tmp_path / "i.ckpt", show_progress=False,
+                             validate=validate_ok)
+    assert list(val_log.step) == [0, 2, 4, 6] and (val_log.cpu_seconds.diff().dropna() >= 0).all()

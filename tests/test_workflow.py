@@ -1,7 +1,11 @@
 """The whole DAG on a tiny config, the linter, and the SLURM profile (dry run)."""
 import importlib.util
+import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +17,46 @@ TINY = ROOT / "tests" / "tiny_config.yaml"
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile")]
 
 
-def _run(args, cwd, timeout=600):
-    proc = subprocess.run(SNAKEMAKE + args, cwd=cwd, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc
+def running_rules(log: str) -> list[str]:
+    """Rules Snakemake's log shows started (``rule X:`` ... ``jobid: N``) and not finished."""
+    started = {m.group(2): m.group(1) for m in re.finditer(r"^\s*(?:local)?rule (\w+):\n(?:\s+\w+:.*\n)*?\s+jobid: (\d+)",
+                                                           log, re.M)}
+    for done in re.findall(r"Finished job(?:id)?:? (\d+)", log):
+        started.pop(done, None)
+    return sorted(set(started.values()))
+
+
+class WorkflowTimeout(AssertionError):
+    def __init__(self, message, process_group):
+        super().__init__(message)
+        self.process_group = process_group
+
+
+def _group_alive(pgid) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def _run(args, cwd, timeout=600, check=True):
+    """Snakemake in its own process group: on a timeout the whole group (Snakemake, its jobs
+    and their subprocesses) is killed, and the message says which rules were running."""
+    proc = subprocess.Popen(SNAKEMAKE + args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise WorkflowTimeout(f"snakemake {' '.join(args[:1])} timed out after {timeout} s while running rule(s) "
+                              f"{', '.join(running_rules(stdout + stderr)) or '(none started)'}; its process group "
+                              f"was killed\n{stderr[-3000:]}", proc.pid) from None
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    if check:
+        assert proc.returncode == 0, stdout[-3000:] + stderr[-5000:]
+    return result
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +91,7 @@ def test_every_table_and_figure_exists_with_sane_values(tiny_run):
     assert (acc.folding_percent >= 0).all() and acc.seed.eq(1).all()
     speed = pd.read_csv(tiny_run / "tables" / "speed.csv")
     assert (speed.seconds.dropna() > 0).all() and set(speed.threads.dropna()) >= {1}
+    assert list(speed.columns[:2]) == ["method", "cpu"] and speed.cpu.dropna().str.contains("bf16 units").all()
     aldk = speed[speed.method == "student_aldk"]
     assert np.allclose(aldk.time_ratio_to_aldk_student, 1.0)
     if "note" in acc.columns and isinstance(acc.loc["peer_ants_syn", "note"], str):
@@ -65,12 +106,22 @@ def test_every_table_and_figure_exists_with_sane_values(tiny_run):
     assert (tiny_run / "benchmarks" / "train_teacher.tsv").exists()
 
 
-def test_speed_profile_covers_every_configuration_and_guards_accuracy(tiny_run):
-    profile = pd.read_csv(tiny_run / "tables" / "speed_profile.csv")
+def test_speed_profile_covers_every_native_configuration_and_guards_accuracy(tiny_run):
+    from ldreg.engines import native_engines
+
+    table = pd.read_csv(tiny_run / "tables" / "speed_profile.csv")
     assert (tiny_run / "tables" / "speed_profile.md").exists()
-    # tiny config: 2 models x 2 engines x 1 grid x threads {1, 2} (capped at the machine's cores)
-    assert set(profile.model) == {"teacher", "student_aldk"} and set(profile.engine) == {"float32", "bfloat16_cl"}
-    assert len(profile) == 4 * profile.threads.nunique()
+    # the CPU and its features stand next to the model
+    assert list(table.columns[:3]) == ["model", "cpu", "engine"]
+    assert table.cpu.str.contains("avx2").all() and table.cpu.str.contains("bf16 units").all()
+    # tiny config: 2 models x engines {float32, bfloat16_cl}, the ones this CPU would emulate only as note rows
+    native, skipped = native_engines(["float32", "bfloat16_cl"])
+    notes = table[table.total_s.isna()]
+    assert sorted(zip(notes.model, notes.engine)) == sorted((m, e) for m in ("teacher", "student_aldk") for e in skipped)
+    assert notes.accuracy_note.str.contains("emulated").all()
+    profile = table[table.total_s.notna()]
+    assert set(profile.model) == {"teacher", "student_aldk"} and set(profile.engine) == set(native)
+    assert len(profile) == 2 * len(native) * profile.threads.nunique()
     stages = profile[["preprocess_s", "network_s", "warp_s", "write_s"]]
     assert (stages > 0).all().all()
     np.testing.assert_allclose(profile.total_s, stages.sum(axis=1), rtol=0.5)  # medians of sums vs sums of medians
@@ -84,7 +135,11 @@ def test_speed_profile_covers_every_configuration_and_guards_accuracy(tiny_run):
     by_model = profile.groupby("model").gflops.first()
     assert by_model["student_aldk"] < by_model["teacher"]
     machine = pd.read_csv(tiny_run / "tables" / "speed_machine.csv")
-    assert (machine.gflops_per_s > 0).all() and {"float32", "bfloat16"} <= set(machine.dtype)
+    assert machine.cpu.str.contains("bf16 units").all()
+    measured = machine[machine.gflops_per_s.notna()]
+    assert (measured.gflops_per_s > 0).all() and "float32" in set(measured.dtype)
+    assert (machine.dtype == "bfloat16").any()  # measured, or a row saying why not
+    assert machine[machine.gflops_per_s.isna()].note.str.contains("emulated").all()
 
 
 def test_forcing_one_variant_reruns_only_it_and_its_dependents(tiny_run):
@@ -97,6 +152,20 @@ def test_forcing_one_variant_reruns_only_it_and_its_dependents(tiny_run):
     assert "variant=aldk" not in out and "variant=unsupervised" not in out
     assert "rule train_teacher" not in out and "rule preprocess" not in out
     assert "method=student_distill" in out and "method=teacher" not in out
+
+
+def test_a_timed_out_workflow_leaves_no_process_and_names_the_running_rule(tmp_path):
+    with pytest.raises(WorkflowTimeout) as err:
+        _run(["all", "--cores", "1", "--configfile", str(TINY), "--config", f"results_dir={tmp_path}/results",
+              f"resources_dir={tmp_path}/resources"], cwd=tmp_path, timeout=25)
+    assert re.search(r"while running rule\(s\) \w+", str(err.value)), str(err.value)
+    assert "(none started)" not in str(err.value)
+    # nothing of the group is left (orphans are reaped by init within moments)
+    for _ in range(50):
+        if not _group_alive(err.value.process_group):
+            break
+        time.sleep(0.1)
+    assert not _group_alive(err.value.process_group)
 
 
 @pytest.mark.parametrize("text, message", [

@@ -10,6 +10,7 @@ import pandas as pd
 import torch
 
 from .data import true_pair_field
+from .io import InputError
 from .metrics import dice_per_label, field_error, folding_fraction, hd95, sd_log_jacobian
 from .modelfile import load_model
 from .progress import progress
@@ -40,12 +41,13 @@ def _load(path, dtype):
 
 @torch.inference_mode()
 def evaluate_pairs(name: str, predict, subjects: pd.DataFrame, pairs: pd.DataFrame, spacing: float,
-                   with_hd95: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+                   with_hd95: bool = True, show_progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per-pair metrics and per-structure Dice (long format) for one method."""
     subj = subjects.set_index("id")
     has_truth = "true_forward" in subj.columns
     per_pair, per_label = [], []
-    for row in progress(list(pairs.itertuples()), desc=f"evaluate {name}", logger=__name__):
+    for row in progress(list(pairs.itertuples()), desc=f"evaluate {name}", logger=__name__,
+                        disable=not show_progress):
         mov, fix = subj.loc[row.moving], subj.loc[row.fixed]
         moving, mov_img = _load(mov.image, np.float32)
         fixed, fix_img = _load(fix.image, np.float32)
@@ -70,3 +72,45 @@ def evaluate_pairs(name: str, predict, subjects: pd.DataFrame, pairs: pd.DataFra
             rec.update(field_error(field, truth, (spacing,) * 3, None if fix_lab is None else fix_lab > 0))
         per_pair.append(rec)
     return pd.DataFrame(per_pair), pd.DataFrame(per_label)
+
+
+def summary(per_pair: pd.DataFrame) -> dict:
+    """Mean Dice, end-point error (where the truth is known) and folding (% of voxels)."""
+    out = {"folding_percent": 100 * float(per_pair.folding_fraction.mean())}
+    if "dice" in per_pair:
+        out["dice"] = float(per_pair.dice.mean())
+    if "epe_mean_mm" in per_pair:
+        out["epe_mm"] = float(per_pair.epe_mean_mm.mean())
+    return out
+
+
+def validator(subjects: pd.DataFrame, pairs: pd.DataFrame, spacing: float, device: str = "cpu"):
+    """``validate(model) -> summary`` on held-out pairs, for learning curves and the divergence
+    guard; ``validate(None)`` scores no registration on the same pairs."""
+    if pairs.empty:
+        raise InputError("no validation pairs: set splits.val > 0 (or training.validation_pairs: 0 to switch off)")
+
+    def validate(model) -> dict:
+        if model is None:
+            predict = lambda m, f: torch.zeros(1, 3, *m.shape[2:])
+        else:
+            predict = lambda m, f: model(m.to(device), f.to(device), warp=False)["flow"].float().cpu()
+        per_pair, _ = evaluate_pairs("validation", predict, subjects, pairs, spacing, with_hd95=False, show_progress=False)
+        return summary(per_pair)
+
+    return validate
+
+
+FOLDING_BOUND_PERCENT = 1.0  # more folding than this and a field is not a registration one would use
+
+
+def registration_flag(dice: float, identity_dice: float, folding_percent: float) -> str:
+    """Why a method does not register ('' when it does): below no registration in Dice, or
+    folding beyond the bound. The accuracy table prints it; the speed profile's guard never
+    takes a flagged model as its reference."""
+    flags = []
+    if dice == dice and identity_dice == identity_dice and dice < identity_dice:
+        flags.append(f"below no registration (Dice {dice:.3f} < {identity_dice:.3f})")
+    if folding_percent == folding_percent and folding_percent > FOLDING_BOUND_PERCENT:
+        flags.append(f"folding {folding_percent:.2f} % > {FOLDING_BOUND_PERCENT:g} %")
+    return "; ".join(flags)

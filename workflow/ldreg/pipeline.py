@@ -15,12 +15,13 @@ import torch
 
 from . import data as data_mod
 from . import peers
-from .evaluate import evaluate_pairs, flow_predictor
+from .engines import cpu_summary
+from .evaluate import evaluate_pairs, flow_predictor, validator
 from .io import InputError, write_csv
 from .modelfile import load_model, save_model
 from .networks import CascadeSpec, build_network, complexity
-from .report import (ablation_table, accuracy_table, accuracy_vs_time, dice_boxplot, qualitative_panel, speed_table,
-                     training_curves, write_table)
+from .report import (ablation_table, accuracy_table, accuracy_vs_time, dice_boxplot, learning_curves, qualitative_panel,
+                     speed_table, training_curves, write_table)
 from .timing import time_model_grid
 from .training import FlowCache, TrainConfig, cache_teacher_flows, device_for, load_images, train, write_loss_log
 from .warp import warp_image, warp_labels
@@ -107,18 +108,38 @@ def _train_inputs(subjects_csv, pairs_csv):
     return load_images(subjects[subjects.id.isin(needed)]), train_pairs
 
 
+def training_validator(config, subjects_csv, pairs_csv, device: str = "cpu"):
+    """The learning-curve and divergence check on the first ``evaluation.validation_pairs``
+    validation pairs (never test pairs); None when switched off (0)."""
+    n = config["evaluation"]["validation_pairs"]
+    if not n:
+        return None
+    pairs = pd.read_csv(pairs_csv)
+    val = pairs[pairs.split == "val"].head(n)
+    if val.empty:
+        raise InputError(f"{pairs_csv}: no validation pairs for the learning curves; set splits.val > 0 "
+                         f"(or evaluation.validation_pairs: 0 to switch them off)")
+    return validator(pd.read_csv(subjects_csv), val, config["preprocessing"]["spacing_mm"], device)
+
+
 def _run_training(name, spec: CascadeSpec, train_cfg: dict, config, subjects_csv, pairs_csv, model_out, loss_csv,
-                  checkpoint, flow_cache_path=None):
+                  checkpoint, flow_cache_path=None, val_csv=None):
     images, pairs = _train_inputs(subjects_csv, pairs_csv)
     cfg = TrainConfig.from_dict({"seed": config["seed"], **train_cfg})
     model = build_network(spec)
     grid = tuple(config["preprocessing"]["grid"])
     info = complexity(model, grid)
-    log.info("%s: %s, %d parameters, %.2f GFLOPs per pair at %s", name, spec, info["parameters"], info["flops"] / 1e9, grid)
+    log.info("%s: %s, %d parameters, %.2f GFLOPs per pair at %s, %d threads on %s", name, spec, info["parameters"],
+             info["flops"] / 1e9, grid, torch.get_num_threads(), cpu_summary())
     cache = FlowCache(flow_cache_path) if flow_cache_path else None
     device = device_for(config.get("device", "auto"))
-    model, losses, _ = train(model, pairs, images, cfg, checkpoint, cache, str(device))
+    validate = training_validator(config, subjects_csv, pairs_csv, str(device))
+    model, losses, val_log, _ = train(model, pairs, images, cfg, checkpoint, cache, str(device), validate=validate,
+                                      name=name)
+    log.info("%s: %.2f training steps per second", name, len(losses) / max(losses.seconds.iloc[-1], 1e-9))
     write_loss_log(losses, loss_csv, cfg.seed)
+    if val_csv:
+        write_loss_log(val_log.assign(model=name), val_csv, cfg.seed)
     save_model(model_out, model.cpu(), preprocessing_from(config), {"config": cfg.__dict__, "pairs": len(pairs)}, name)
     Path(checkpoint).unlink(missing_ok=True)  # done: the model file supersedes it
 
@@ -132,10 +153,11 @@ def _spec(kind: str, settings: dict) -> CascadeSpec:
     return CascadeSpec(kind=kind, **merged)
 
 
-def train_teacher(config, subjects_csv, pairs_csv, model_out, loss_csv, checkpoint) -> None:
+def train_teacher(config, subjects_csv, pairs_csv, model_out, loss_csv, checkpoint, val_csv=None) -> None:
     t = config["teacher"]
     spec = _spec("teacher", t)
-    _run_training("teacher", spec, t.get("train", {}), config, subjects_csv, pairs_csv, model_out, loss_csv, checkpoint)
+    _run_training("teacher", spec, t.get("train", {}), config, subjects_csv, pairs_csv, model_out, loss_csv, checkpoint,
+                  val_csv=val_csv)
 
 
 def student_settings(config: dict, variant: str) -> tuple[CascadeSpec, dict]:
@@ -147,25 +169,31 @@ def student_settings(config: dict, variant: str) -> tuple[CascadeSpec, dict]:
     return _spec("student", {**defaults, **own}), train_cfg
 
 
-def train_student(config, variant, subjects_csv, pairs_csv, flow_cache, model_out, loss_csv, checkpoint) -> None:
+def train_student(config, variant, subjects_csv, pairs_csv, flow_cache, model_out, loss_csv, checkpoint,
+                  val_csv=None) -> None:
     spec, train_cfg = student_settings(config, variant)
     uses_teacher = train_cfg.get("distillation", "none") != "none" or train_cfg.get("adversarial", False)
     _run_training(f"student_{variant}", spec, train_cfg, config, subjects_csv, pairs_csv, model_out, loss_csv,
-                  checkpoint, flow_cache if uses_teacher else None)
+                  checkpoint, flow_cache if uses_teacher else None, val_csv)
 
 
-def train_voxelmorph(config, subjects_csv, pairs_csv, model_out, loss_csv, checkpoint) -> None:
+def train_voxelmorph(config, subjects_csv, pairs_csv, model_out, loss_csv, checkpoint, val_csv=None) -> None:
     """The VoxelMorph peer, with the students' data and step budget unless overridden."""
     peer = config["peers"]["voxelmorph"]
     spec = CascadeSpec(kind="voxelmorph", cascades=1, width=peer["width"], depth=peer["depth"], affine=False)
     train_cfg = {**config["students"].get("defaults", {}).get("train", {}), **peer.get("train", {})}
-    _run_training("peer_voxelmorph", spec, train_cfg, config, subjects_csv, pairs_csv, model_out, loss_csv, checkpoint)
+    _run_training("peer_voxelmorph", spec, train_cfg, config, subjects_csv, pairs_csv, model_out, loss_csv, checkpoint,
+                  val_csv=val_csv)
 
 
 def cache_flows(config, teacher_path, subjects_csv, pairs_csv, out) -> None:
     images, pairs = _train_inputs(subjects_csv, pairs_csv)
     model, _, _ = load_model(teacher_path)
-    cache_teacher_flows(model, pairs, images, out, str(device_for(config.get("device", "auto"))))
+    refine = dict(config["teacher_cache"]["refine"])
+    report = cache_teacher_flows(model, pairs, images, out, str(device_for(config.get("device", "auto"))), refine)
+    if refine["steps"]:
+        log.info("refined %d teacher fields by %d steps: similarity loss %.4f -> %.4f (mean)", len(report),
+                 refine["steps"], report.similarity_start.mean(), report.similarity_end.mean())
 
 
 # ------------------------------------------------------------------------------- evaluation
@@ -196,7 +224,7 @@ def time_cpu(config, model_path, out_csv, threads: int) -> None:
     counts = sorted({1, usable_threads(threads)})
     grids = [tuple(config["preprocessing"]["grid"])] + [tuple(g) for g in t["extra_grids"]]
     rows = time_model_grid(model_path, grids, counts, t["repeats"], t["warmup"])
-    write_csv(pd.DataFrame(rows), out_csv)
+    write_csv(pd.DataFrame(rows).assign(cpu=cpu_summary()), out_csv)
 
 
 def time_ants(config, out_csv, threads: int) -> None:
@@ -209,7 +237,7 @@ def time_ants(config, out_csv, threads: int) -> None:
     for n in sorted({1, usable_threads(threads)}):
         res = peers.time_ants(grid, config["preprocessing"]["spacing_mm"], n, repeats, 0)
         rows.append({"grid": "x".join(map(str, grid)), "threads": n, "parameters": 0, "gflops": np.nan,
-                     "repeats": repeats, **res})
+                     "repeats": repeats, **res, "cpu": cpu_summary()})
     write_csv(pd.DataFrame(rows), out_csv)
 
 
@@ -231,12 +259,14 @@ def tables(config, eval_csvs: dict, timing_csvs: dict, model_paths: dict, out_di
     write_table(ablation_table(accuracy, config["students"]["variants"]), out_dir / "ablation")
 
 
-def figures(config, eval_csvs: dict, accuracy_csv, loss_csvs: dict, model_paths: dict, subjects_csv, pairs_csv, out_dir) -> None:
+def figures(config, eval_csvs: dict, accuracy_csv, loss_csvs: dict, model_paths: dict, subjects_csv, pairs_csv, out_dir,
+            validation_csvs: dict | None = None) -> None:
     out_dir = Path(out_dir)
     evals = pd.concat([pd.read_csv(p) for p in eval_csvs.values()], ignore_index=True)
     dice_boxplot(evals, out_dir / "dice_boxplot.png")
     accuracy_vs_time(pd.read_csv(accuracy_csv), out_dir / "accuracy_vs_time.png")
     training_curves({m: pd.read_csv(p) for m, p in loss_csvs.items()}, out_dir / "training_curves.png")
+    learning_curves({m: pd.read_csv(p) for m, p in (validation_csvs or {}).items()}, out_dir / "learning_curves.png")
     subjects = pd.read_csv(subjects_csv).set_index("id")
     pair = pd.read_csv(pairs_csv).query("split == 'test'").iloc[0]
     load = lambda p, t: np.asarray(nib.load(p).dataobj).astype(t)

@@ -15,7 +15,6 @@ import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -38,22 +37,6 @@ class Prepared:
     img: nib.Nifti1Image
     image: np.ndarray
     affine: np.ndarray
-
-
-def native_bfloat16() -> bool:
-    """Whether the CPU multiplies bfloat16 in hardware (AMX or AVX512-BF16). Without it, bf16
-    convolutions are emulated and slower than float32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(flag in flags.split() for flag in ("amx_bf16", "avx512_bf16"))
-
-
-def default_precision(device: str = "cpu") -> str:
-    """bfloat16 on CPUs with bf16 units (fields within 1e-4 mean Dice of float32 in the speed
-    profile), float32 elsewhere and on GPUs."""
-    return "bfloat16" if device == "cpu" and native_bfloat16() else "float32"
 
 
 def _is_identity(matrix: np.ndarray) -> bool:

@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from .evaluate import registration_flag  # noqa: E402
 from .io import atomic_path, write_csv  # noqa: E402
 
 
@@ -43,13 +44,20 @@ def accuracy_table(evals: pd.DataFrame, speed: pd.DataFrame, params: dict) -> pd
             row["epe_mm"] = g.epe_mean_mm.mean()
         row["cpu_s_per_pair"] = cpu.get(method, np.nan) if len(cpu) else np.nan
         rows.append(row)
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    if "identity" in set(table.method) and "dice_mean" in table:
+        identity = float(table.loc[table.method == "identity", "dice_mean"].iloc[0])
+        table["flag"] = [registration_flag(d, identity, f) if m != "identity" else ""
+                         for m, d, f in zip(table.method, table.dice_mean, table.folding_percent)]
+    return table
 
 
 def speed_table(speed: pd.DataFrame, teacher: str = "teacher", student: str = "student_aldk") -> pd.DataFrame:
     """CPU timing per method, grid and threads, with the speed-up over the teacher and each
     method's time as a ratio to the ALDK student's (same grid and threads, same run)."""
     out = speed.copy()  # rows of skipped peers keep their note
+    if "cpu" in out:  # the CPU and its features next to the method
+        out.insert(1, "cpu", out.pop("cpu"))
 
     def seconds_of(method):  # the method's time on each row's grid and thread count
         ref = out[out.method == method].set_index(["grid", "threads"])["seconds"]
@@ -76,7 +84,7 @@ def ablation_table(accuracy: pd.DataFrame, variants: dict) -> pd.DataFrame:
                      "adversarial": bool(v.get("adversarial", False)),
                      "half_res_flow": bool(v.get("half_res_flow", False)), "parameters": a.parameters, "dice": a.dice,
                      "dice_mean": a.dice_mean, "hd95_mm": a.hd95_mm, "folding_percent": a.folding_percent,
-                     "cpu_s_per_pair": a.cpu_s_per_pair})
+                     "cpu_s_per_pair": a.cpu_s_per_pair, "flag": a.get("flag", "")})
     return pd.DataFrame(rows)
 
 
@@ -117,6 +125,32 @@ def training_curves(logs: dict, path) -> None:
     for ax in axes:
         if ax.lines:
             ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def learning_curves(logs: dict, path) -> None:
+    """Validation Dice and end-point error against training step and CPU time, per model, with
+    no registration as the floor: whether each model had converged, at a glance."""
+    logs = {name: frame for name, frame in logs.items() if len(frame) and "dice" in frame}
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for name, frame in logs.items():
+        axes[0].plot(frame.step, frame.dice, marker=".", label=name)
+        axes[1].plot(frame.cpu_seconds, frame.dice, marker=".", label=name)
+        if "epe_mm" in frame:
+            axes[2].plot(frame.step, frame.epe_mm, marker=".", label=name)
+    starts = [f.dice.iloc[0] for f in logs.values() if f.step.iloc[0] == 0]
+    if starts:  # step 0 of a model without an affine stage is no registration
+        for ax in axes[:2]:
+            ax.axhline(min(starts), color="grey", ls="--", lw=0.8, label="start (no registration)")
+    axes[0].set(title="validation Dice", xlabel="training step", ylabel="mean Dice")
+    axes[1].set(title="validation Dice against CPU time", xlabel="CPU seconds of the training process", xscale="log")
+    axes[2].set(title="validation end-point error", xlabel="training step", ylabel="mm")
+    for ax in axes:
+        if ax.lines:
+            ax.legend(fontsize=7)
+    if not logs:
+        axes[0].text(0.5, 0.5, "no validation pairs (evaluation.validation_pairs: 0)", ha="center", transform=axes[0].transAxes)
     fig.tight_layout()
     _save(fig, path)
 

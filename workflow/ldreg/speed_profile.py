@@ -13,7 +13,6 @@ model and engine on the test pairs (the accuracy guard).
 from __future__ import annotations
 
 import logging
-import platform
 import statistics
 import tempfile
 import time
@@ -24,57 +23,49 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .evaluate import evaluate_pairs
+from .engines import cpu_summary, engine_spec, native_engines, precision_native, skip_reason
+from .evaluate import evaluate_pairs, registration_flag, summary
 from .networks import complexity
 from .register import Registrar, write_outputs
 from .timing import peak_rss_mb, run_isolated, time_calls
 
 log = logging.getLogger(__name__)
 
-# engine name -> (conv precision, channels-last 3D)
-ENGINES = {"float32": ("float32", False), "float32_cl": ("float32", True), "bfloat16_cl": ("bfloat16", True)}
 STAGES = ("preprocess", "network", "warp", "write")
 DICE_TOLERANCE = 0.005  # the largest mean-Dice loss a speed change may cost without a flag
 
 
-def _engine(name: str) -> tuple[str, bool]:
-    if name not in ENGINES:
-        raise ValueError(f"unknown inference engine {name!r}; known: {sorted(ENGINES)}")
-    return ENGINES[name]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def machine_throughput(threads: int, repeats: int = 3) -> list[dict]:
+def machine_throughput(threads: int, repeats: int = 3, channels: int = 64, size: int = 64,
+                       matmul: int = 2048) -> list[dict]:
     """GFLOP/s of large dense operations on this CPU with ``threads`` threads: a 3x3x3 conv3d
-    of 64 -> 64 channels on a 64^3 grid (float32 in both layouts; bfloat16 channels-last) and
-    a 2048^2 matmul (float32, bfloat16)."""
+    of ``channels`` -> ``channels`` on a ``size``^3 grid (float32 in both layouts; bfloat16
+    channels-last) and a ``matmul``^2 matmul (float32, bfloat16). A precision this CPU would
+    emulate is not run: its rows carry the reason in ``note``."""
     torch.set_num_threads(threads)
     rows = []
-    x = torch.randn(1, 64, 64, 64, 64)
-    conv_flops = 2 * 27 * 64 * 64 * 64**3
+    x = torch.randn(1, channels, size, size, size)
+    conv_flops = 2 * 27 * channels * channels * size**3
+    conv_op, matmul_op = f"conv3d_{channels}ch_{size}^3", f"matmul_{matmul}"
     with torch.inference_mode():
         for dtype, channels_last in (("float32", False), ("float32", True), ("bfloat16", True)):
+            row = {"op": conv_op, "dtype": dtype, "channels_last": channels_last, "threads": threads}
+            if not precision_native(dtype):
+                rows.append({**row, "gflops_per_s": np.nan, "note": skip_reason(dtype)})
+                continue
             fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
-            conv = torch.nn.Conv3d(64, 64, 3, padding=1).eval().to(getattr(torch, dtype), memory_format=fmt)
+            conv = torch.nn.Conv3d(channels, channels, 3, padding=1).eval().to(getattr(torch, dtype), memory_format=fmt)
             inp = x.to(getattr(torch, dtype), memory_format=fmt)
             seconds = time_calls(lambda c=conv, i=inp: c(i), repeats)["seconds"]
-            rows.append({"op": "conv3d_64ch_64^3", "dtype": dtype, "channels_last": channels_last, "threads": threads,
-                         "gflops_per_s": conv_flops / seconds / 1e9})
-        a = torch.randn(2048, 2048)
+            rows.append({**row, "gflops_per_s": conv_flops / seconds / 1e9, "note": ""})
+        a = torch.randn(matmul, matmul)
         for dtype in ("float32", "bfloat16"):
+            row = {"op": matmul_op, "dtype": dtype, "channels_last": False, "threads": threads}
+            if not precision_native(dtype):
+                rows.append({**row, "gflops_per_s": np.nan, "note": skip_reason(dtype)})
+                continue
             m = a.to(getattr(torch, dtype))
             seconds = time_calls(lambda m=m: m @ m, repeats)["seconds"]
-            rows.append({"op": "matmul_2048", "dtype": dtype, "channels_last": False, "threads": threads,
-                         "gflops_per_s": 2 * 2048**3 / seconds / 1e9})
+            rows.append({**row, "gflops_per_s": 2 * matmul**3 / seconds / 1e9, "note": ""})
     return rows
 
 
@@ -93,7 +84,7 @@ def profile_one(model_path: str, engine: str, grid, threads: int, repeats: int, 
     """One configuration's stage times (medians), peak memory and FLOPs; run it isolated."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    precision, channels_last = _engine(engine)
+    precision, channels_last = engine_spec(engine)
     grid = tuple(grid)
     registrar = Registrar(model_path, "cpu", precision, channels_last, grid=grid)
     with tempfile.TemporaryDirectory() as tmp:
@@ -127,14 +118,26 @@ def count_flops(model_path: str, grid) -> dict:
     return complexity(load_model(model_path)[0], tuple(grid))
 
 
-def engine_dice(model_path, engine: str, subjects: pd.DataFrame, test_pairs: pd.DataFrame, spacing: float) -> float:
-    """Mean Dice over the test pairs with the model run by ``engine`` (no HD95: Dice is the
-    guard)."""
-    precision, channels_last = _engine(engine)
-    registrar = Registrar(model_path, "cpu", precision, channels_last)
-    predict = lambda m, f: registrar.model(m, f, warp=False)["flow"].float()
-    per_pair, _ = evaluate_pairs(f"{Path(model_path).stem}:{engine}", predict, subjects, test_pairs, spacing, False)
-    return float(per_pair["dice"].mean()) if "dice" in per_pair else float("nan")
+def engine_scores(model_path, engine: str, subjects: pd.DataFrame, test_pairs: pd.DataFrame, spacing: float) -> dict:
+    """Mean Dice and folding over the test pairs with the model run by ``engine`` (no HD95:
+    Dice is the guard); ``model_path`` None scores no registration."""
+    if model_path is None:
+        name, predict = "identity", lambda m, f: torch.zeros(1, 3, *m.shape[2:])
+    else:
+        precision, channels_last = engine_spec(engine)
+        registrar = Registrar(model_path, "cpu", precision, channels_last)
+        name, predict = f"{Path(model_path).stem}:{engine}", lambda m, f: registrar.model(m, f, warp=False)["flow"].float()
+    per_pair, _ = evaluate_pairs(name, predict, subjects, test_pairs, spacing, False)
+    return {"dice": float("nan"), **summary(per_pair)}
+
+
+def plan(models, engines, grids, thread_counts) -> tuple[list[tuple], list[dict]]:
+    """The configurations to profile (model, engine, grid, threads), engines this CPU would
+    emulate left out, and one note row per model and skipped engine for the table."""
+    kept, skipped = native_engines(engines)
+    configs = [(m, e, tuple(g), n) for m in models for e in kept for g in grids for n in thread_counts]
+    notes = [{"model": m, "engine": e, "accuracy_note": why} for m in models for e, why in skipped.items()]
+    return configs, notes
 
 
 def speed_profile(models: dict, engines, grids, thread_counts, repeats: int, warmup: int, subjects: pd.DataFrame,
@@ -145,22 +148,41 @@ def speed_profile(models: dict, engines, grids, thread_counts, repeats: int, war
     ``reference`` is the engine every other engine's Dice is compared with (same model);
     ``baseline_model`` is the model every speed-up refers to (the teacher, in the reference
     engine, same grid and threads); ``reference_model`` (in the reference engine) is what a
-    faster architecture's Dice is compared with (the full-resolution student)."""
+    faster architecture's Dice is compared with (the full-resolution student). Engines this
+    CPU would emulate are not run (:mod:`ldreg.engines`): they appear as note rows."""
+    configs, skipped_rows = plan(models, engines, grids, thread_counts)
+    if not precision_native(engine_spec(reference)[0]):
+        log.warning("reference engine %s %s; float32 is the reference instead", reference, skip_reason(engine_spec(reference)[0]))
+        reference = "float32"
+    ran = list(dict.fromkeys(e for _, e, _, _ in configs))
+    if reference not in ran:
+        ran.insert(0, reference)
+    cpu = cpu_summary()
     machine = pd.DataFrame([r for n in thread_counts for r in run_isolated(
         "ldreg.speed_profile:machine_throughput", threads=n)])
-    machine["cpu"], machine["torch"] = cpu_name(), torch.__version__
-    dice = {(m, e): engine_dice(p, e, subjects, test_pairs, spacing) for m, p in models.items() for e in engines}
+    machine.insert(0, "cpu", cpu)
+    machine["torch"] = torch.__version__
+    scores = {(m, e): engine_scores(p, e, subjects, test_pairs, spacing) for m, p in models.items() for e in ran}
+    dice = {k: v["dice"] for k, v in scores.items()}
+    identity = engine_scores(None, reference, subjects, test_pairs, spacing)["dice"]
+    unguarded = ""
+    if reference_model:
+        ref = scores[(reference_model, reference)]
+        flag = registration_flag(ref["dice"], identity, ref["folding_percent"])
+        if flag:  # a model that does not register guards nothing
+            log.warning("reference model %s does not register (%s): no accuracy guard against it", reference_model, flag)
+            unguarded = f"reference model {reference_model} does not register ({flag}): no guard against it"
+            reference_model = None
     flops = {(m, tuple(g)): run_isolated("ldreg.speed_profile:count_flops", model_path=str(p), grid=list(g))["flops"]
              for m, p in models.items() for g in grids}
     rows = []
-    configs = [(m, e, tuple(g), n) for m in models for e in engines for g in grids for n in thread_counts]
     for k, (name, engine, grid, threads) in enumerate(configs, 1):
         t = time.perf_counter()
         res = run_isolated("ldreg.speed_profile:profile_one", model_path=str(models[name]), engine=engine,
                            grid=list(grid), threads=threads, repeats=repeats, warmup=warmup, seed=seed)
         log.info("[%d/%d] %s %s %s %d thread(s): %.3f s a pair (profiled in %.0f s)", k, len(configs), name, engine,
                  "x".join(map(str, grid)), threads, res["total_s"], time.perf_counter() - t)
-        precision = _engine(engine)[0]
+        precision = engine_spec(engine)[0]
         best = machine[machine.op.str.startswith("conv3d") & (machine.dtype == precision) & (machine.threads == threads)]
         gflops = flops[(name, grid)] / 1e9
         rows.append({"model": name, "engine": engine, "grid": "x".join(map(str, grid)), "threads": threads, **res,
@@ -182,10 +204,13 @@ def speed_profile(models: dict, engines, grids, thread_counts, repeats: int, war
         notes = [("; " if n else "").join(filter(None, [n, f"loses more than {DICE_TOLERANCE} Dice against "
                                                          f"{reference_model} {reference}" if w else ""]))
                  for n, w in zip(notes, worse)]
-    table["accuracy_note"] = notes
-    order = ["model", "engine", "grid", "threads", "total_s", "total_min_s", *[f"{s}_s" for s in STAGES], "write_nii_gz_s",
-             "peak_rss_mb", "gflops", "achieved_gflops_per_s", "machine_conv3d_gflops_per_s", "fraction_of_machine",
-             "speedup_vs_baseline", "network_speedup_vs_baseline", "dice", "dice_change_vs_reference",
-             *(["dice_change_vs_reference_model"] if reference_model else []), "accuracy_note",
-             "repeats", "warmup", "seed"]
-    return table[order], machine
+    table["accuracy_note"] = ["; ".join(filter(None, [n, unguarded])) for n in notes]
+    table["identity_dice"] = identity
+    table = pd.concat([table, pd.DataFrame(skipped_rows)], ignore_index=True)
+    table.insert(1, "cpu", cpu)
+    order = ["model", "cpu", "engine", "grid", "threads", "total_s", "total_min_s", *[f"{s}_s" for s in STAGES],
+             "write_nii_gz_s", "peak_rss_mb", "gflops", "achieved_gflops_per_s", "machine_conv3d_gflops_per_s",
+             "fraction_of_machine", "speedup_vs_baseline", "network_speedup_vs_baseline", "dice",
+             "identity_dice", "dice_change_vs_reference", *(["dice_change_vs_reference_model"] if reference_model else []),
+             "accuracy_note", "repeats", "warmup", "seed"]
+    return table.reindex(columns=order), machine

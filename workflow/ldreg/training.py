@@ -3,7 +3,9 @@ distillation, or ALDK with a WGAN-GP critic trained in alternation), with resuma
 checkpoints, per-step loss logs and progress with rate and ETA."""
 from __future__ import annotations
 
+import copy
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +18,9 @@ import torch
 from .io import InputError, atomic_path, write_csv
 from .losses import (adversarial_loss, affine_losses, critic_loss, distillation_loss, similarity_loss,
                      smoothness_loss)
+from .guard import DivergenceGuard, TrainingDiverged
 from .networks import CascadedRegistration, Critic
+from .optimise import optimise_field
 from .progress import progress
 
 log = logging.getLogger(__name__)
@@ -43,7 +47,14 @@ class TrainConfig:
     critic_steps: int = 1
     critic_lr: float = 1e-4
     critic_width: int = 8
+    adversarial_ramp_steps: int = 0  # the adversarial weight grows linearly from 0 over these steps
+    warmup_steps: int = 0  # learning rate grows linearly from 0 over these steps
+    lr_schedule: str = "constant"  # constant | cosine (to lr_min_fraction * lr at the last step)
+    lr_min_fraction: float = 0.05
+    grad_clip: float = 0.0  # max gradient norm; 0: off
     checkpoint_every: int = 50
+    validate_every: int = 50  # validation pairs scored (and a good state kept) every N steps
+    max_restarts: int = 3  # divergences remedied (last good state, halved learning rates) before giving up
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -51,7 +62,23 @@ class TrainConfig:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown training option(s) {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
+        cfg = cls(**d)
+        if cfg.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {cfg.lr_schedule!r}")
+        return cfg
+
+    def lr_scale(self, step: int) -> float:
+        """Learning-rate factor at ``step`` (0-based): linear warm-up, then constant or cosine."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.lr_schedule == "cosine":
+            span = max(self.steps - self.warmup_steps - 1, 1)
+            progress_ = min((step - self.warmup_steps) / span, 1.0)
+            return self.lr_min_fraction + (1 - self.lr_min_fraction) * 0.5 * (1 + math.cos(math.pi * progress_))
+        return 1.0
+
+    def adversarial_scale(self, step: int) -> float:
+        return min(1.0, (step + 1) / self.adversarial_ramp_steps) if self.adversarial_ramp_steps else 1.0
 
 
 def device_for(name: str = "auto") -> torch.device:
@@ -92,22 +119,34 @@ class FlowCache:
         return self.flows[self.index[pair_id]].float()[None]
 
 
-@torch.inference_mode()
-def cache_teacher_flows(teacher: CascadedRegistration, pairs: pd.DataFrame, images: dict, path, device="cpu") -> None:
-    """Compute the teacher's composed field for every pair once and store it as float16."""
+def cache_teacher_flows(teacher: CascadedRegistration, pairs: pd.DataFrame, images: dict, path, device="cpu",
+                        refine: dict | None = None) -> pd.DataFrame:
+    """Compute the teacher's composed field for every pair once and store it as float16.
+    ``refine`` (options of :func:`ldreg.optimise.optimise_field`, with ``steps`` > 0) refines
+    each field on its pair first. Returns per-pair similarity before and after refinement."""
     teacher = teacher.to(device).eval()
-    flows = []
+    flows, rows = [], []
+    refine = {k: v for k, v in (refine or {}).items()}
+    steps = refine.pop("steps", 0)
     for row in progress(list(pairs.itertuples()), desc="teacher fields", logger=__name__):
-        out = teacher(images[row.moving].to(device), images[row.fixed].to(device))
-        flows.append(out["flow"][0].to("cpu", torch.float16))
+        moving, fixed = images[row.moving].to(device), images[row.fixed].to(device)
+        with torch.inference_mode():
+            flow = teacher(moving, fixed, warp=False)["flow"]
+        record = {}
+        if steps:
+            flow, record = optimise_field(moving, fixed, flow.clone(), steps, **refine)
+        rows.append({"pair_id": row.pair_id, **record})
+        flows.append(flow[0].to("cpu", torch.float16))
     grid = tuple(next(iter(images.values())).shape[2:])
     payload = {"format": "ldreg-flow-cache", "pair_ids": list(pairs.pair_id), "grid": list(grid),
+               "refine": {"steps": steps, **refine},
                "flows": torch.stack(flows) if flows else torch.zeros(0, 3, *grid, dtype=torch.float16)}
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
+    return pd.DataFrame(rows)
 
 
-def _loss_terms(model, out, moving, fixed, cfg: TrainConfig, teacher_flow=None, critic=None):
+def _loss_terms(model, out, moving, fixed, cfg: TrainConfig, teacher_flow=None, critic=None, adv_scale: float = 1.0):
     terms = {"similarity": similarity_loss(cfg.similarity, out["warped"], fixed)}
     dense = out["fields"][1:] if model.affine is not None else out["fields"]
     terms["smoothness"] = sum(smoothness_loss(f) for f in dense) / max(len(dense), 1)
@@ -122,7 +161,8 @@ def _loss_terms(model, out, moving, fixed, cfg: TrainConfig, teacher_flow=None, 
     if cfg.adversarial:
         # ALDK: gamma * (1 - CorrCoef) + (1 - gamma) * adversarial
         terms["adversarial"] = adversarial_loss(critic, out["flow"])
-        total = total + cfg.gamma * terms["similarity"] + cfg.adversarial_weight * (1 - cfg.gamma) * terms["adversarial"]
+        total = (total + cfg.gamma * terms["similarity"]
+                 + adv_scale * cfg.adversarial_weight * (1 - cfg.gamma) * terms["adversarial"])
     else:
         total = total + cfg.similarity_weight * terms["similarity"]
     terms["loss"] = total
@@ -130,9 +170,18 @@ def _loss_terms(model, out, moving, fixed, cfg: TrainConfig, teacher_flow=None, 
 
 
 def train(model: CascadedRegistration, pairs: pd.DataFrame, images: dict, cfg: TrainConfig, checkpoint_path,
-          flow_cache: FlowCache | None = None, device: str = "cpu", show_progress: bool = True):
+          flow_cache: FlowCache | None = None, device: str = "cpu", show_progress: bool = True,
+          validate=None, name: str = "model"):
     """Train ``model`` on ``pairs`` (columns pair_id, moving, fixed); resumes from
-    ``checkpoint_path`` if it exists. Returns (model, loss log frame, critic or None)."""
+    ``checkpoint_path`` if it exists. Returns (model, loss log, validation log, critic or None).
+
+    ``validate(model) -> dict`` (metrics on held-out pairs: dice, epe_mm, folding_percent; see
+    :func:`ldreg.evaluate.validator`) runs every ``validate_every`` steps and at the end, each
+    time logged with the CPU seconds spent so far. A :class:`~ldreg.guard.DivergenceGuard`
+    watches every step and validation; on a symptom the run goes back to the last state that
+    passed (kept in memory at each validation), halves the learning rates and goes on, at most
+    ``max_restarts`` times, then stops with :class:`~ldreg.guard.TrainingDiverged`. Checkpoints
+    and the returned model are only ever states that passed."""
     if pairs.empty:
         raise InputError("no training pairs")
     if (cfg.distillation != "none" or cfg.adversarial) and flow_cache is None:
@@ -146,23 +195,54 @@ def train(model: CascadedRegistration, pairs: pd.DataFrame, images: dict, cfg: T
         critic = Critic(width=cfg.critic_width).to(device).train()
         # WGAN-GP's recommended Adam betas
         critic_opt = torch.optim.Adam(critic.parameters(), lr=cfg.critic_lr, betas=(0.5, 0.9))
-    rows, start = [], 0
-    checkpoint_path = Path(checkpoint_path)
-    if checkpoint_path.exists():
-        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
+    grid = tuple(next(iter(images.values())).shape[2:])
+    guard = DivergenceGuard(grid)
+
+    def snapshot(step, rows, val_rows, lr_factor, restarts) -> dict:
+        state = {"model": model.state_dict(), "optimiser": optimiser.state_dict(), "rows": rows, "val_rows": val_rows,
+                 "step": step, "lr_factor": lr_factor, "restarts": restarts}
+        if critic is not None:
+            state.update(critic=critic.state_dict(), critic_opt=critic_opt.state_dict())
+        return copy.deepcopy(state)
+
+    def restore(state) -> None:
         model.load_state_dict(state["model"])
         optimiser.load_state_dict(state["optimiser"])
         if critic is not None:
             critic.load_state_dict(state["critic"])
             critic_opt.load_state_dict(state["critic_opt"])
-        rows, start = state["rows"], state["step"]
-        log.info("resumed from %s at step %d", checkpoint_path, start)
-    grid = next(iter(images.values())).shape[2:]
+
+    identity = {}
+    cpu0, t0 = time.process_time(), time.perf_counter()
+
+    def run_validation(step) -> dict:
+        model.eval()
+        with torch.inference_mode():
+            metrics = validate(model)
+        model.train()
+        return {"step": step, **metrics, "cpu_seconds": time.process_time() - cpu0,
+                "seconds": time.perf_counter() - t0}
+
+    rows, val_rows, start, lr_factor, restarts = [], [], 0, 1.0, 0
+    checkpoint_path = Path(checkpoint_path)
+    if checkpoint_path.exists():
+        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        restore(state)
+        rows, val_rows, start = state["rows"], state.get("val_rows", []), state["step"]
+        lr_factor, restarts = state.get("lr_factor", 1.0), state.get("restarts", 0)
+        guard.start = [r["similarity"] for r in rows[:guard.limits.warmup]]
+        log.info("%s: resumed from %s at step %d", name, checkpoint_path, start)
+    if validate is not None:
+        with torch.inference_mode():
+            identity = validate(None)  # no registration on the same pairs: the floor
+        log.info("%s: validation pairs without registration: %s", name, _fmt(identity))
+        if not val_rows:
+            val_rows.append(run_validation(0))
+    good = snapshot(start, rows, val_rows, lr_factor, restarts)
     records = pairs.to_dict("records")
-    bar = progress(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", logger=__name__,
-                   disable=not show_progress)
-    t0 = time.perf_counter()
-    for step in bar:
+    bar = progress(total=cfg.steps, initial=start, desc=f"train {name}", logger=__name__, disable=not show_progress)
+    step = start
+    while step < cfg.steps:
         # the batch depends only on (seed, step): a resumed run sees the same pairs
         rng = np.random.default_rng([cfg.seed, step])
         batch = [records[i] for i in rng.integers(0, len(records), cfg.batch_size)]
@@ -171,8 +251,13 @@ def train(model: CascadedRegistration, pairs: pd.DataFrame, images: dict, cfg: T
         teacher_flow = None
         if flow_cache is not None:
             teacher_flow = torch.cat([flow_cache.get(r["pair_id"], grid) for r in batch]).to(device)
-        row = {"step": step + 1}
+        lr = cfg.lr * cfg.lr_scale(step) * lr_factor
+        for group in optimiser.param_groups:
+            group["lr"] = lr
+        row = {"step": step + 1, "lr": lr}
         if critic is not None:
+            for group in critic_opt.param_groups:
+                group["lr"] = cfg.critic_lr * lr_factor
             with torch.no_grad():
                 student_flow = model(moving, fixed)["flow"]
             for _ in range(cfg.critic_steps):
@@ -182,25 +267,61 @@ def train(model: CascadedRegistration, pairs: pd.DataFrame, images: dict, cfg: T
                 critic_opt.step()
             row["critic"], row["wasserstein"] = float(d_loss.detach()), float(wasserstein.detach())
         out = model(moving, fixed)
-        terms = _loss_terms(model, out, moving, fixed, cfg, teacher_flow, critic)
-        if not torch.isfinite(terms["loss"]):  # stop before NaN reaches the weights and the model file
-            bad = ", ".join(k for k, v in terms.items() if not torch.isfinite(v))
-            raise ValueError(f"training diverged at step {step + 1}: {bad} not finite; the last checkpoint "
-                             f"({checkpoint_path}) is kept; try a lower learning rate")
-        optimiser.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        optimiser.step()
-        row.update({k: float(v.detach()) for k, v in terms.items()})
-        row["seconds"] = time.perf_counter() - t0
-        rows.append(row)
-        bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
-        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            state = {"model": model.state_dict(), "optimiser": optimiser.state_dict(), "rows": rows, "step": step + 1}
-            if critic is not None:
-                state.update(critic=critic.state_dict(), critic_opt=critic_opt.state_dict())
-            with atomic_path(checkpoint_path) as tmp:
-                torch.save(state, tmp)
-    return model.eval(), pd.DataFrame(rows), critic
+        terms = _loss_terms(model, out, moving, fixed, cfg, teacher_flow, critic, cfg.adversarial_scale(step))
+        values = {k: float(v.detach()) for k, v in terms.items()}
+        field_rms = float(out["flow"].detach().pow(2).sum(1).mean().sqrt())
+        # checked before the update, so that no step of a diverging state reaches the weights
+        symptom = guard.step(values, field_rms, row.get("wasserstein"))
+        if symptom is None:
+            optimiser.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            if cfg.grad_clip:
+                row["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+            optimiser.step()
+            row.update(values, field_rms=field_rms, seconds=time.perf_counter() - t0)
+            rows.append(row)
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
+            due = validate is not None and (step % cfg.validate_every == 0 or step == cfg.steps)
+            if due:
+                val = run_validation(step)
+                symptom = guard.validation(val, identity)
+                if symptom is None:
+                    val_rows.append(val)
+                    log.info("%s step %d: validation %s (CPU %.0f s)", name, step, _fmt(val), val["cpu_seconds"])
+            if symptom is None and (due or (validate is None and step % cfg.checkpoint_every == 0)):
+                good = snapshot(step, rows, val_rows, lr_factor, restarts)
+            if symptom is None and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                with atomic_path(checkpoint_path) as tmp:
+                    torch.save(good, tmp)
+        if symptom is not None:
+            if restarts >= cfg.max_restarts:
+                raise TrainingDiverged(
+                    f"{name}: training diverged at step {step + 1}: {symptom}; {restarts} restart(s) from the last good "
+                    f"state with halved learning rates did not cure it; no model written (last good checkpoint: "
+                    f"{checkpoint_path if checkpoint_path.exists() else 'none'})")
+            restarts += 1
+            lr_factor *= 0.5
+            log.warning("%s: diverged at step %d: %s. Remedy %d/%d: back to the last good state (step %d), learning "
+                        "rates halved (x%.3g)", name, step + 1, symptom, restarts, cfg.max_restarts, good["step"],
+                        lr_factor)
+            restore(good)
+            rows, val_rows, step = copy.deepcopy(good["rows"]), copy.deepcopy(good["val_rows"]), good["step"]
+            good.update(lr_factor=lr_factor, restarts=restarts)
+            guard.reset()
+            bar.reset(total=cfg.steps)
+            bar.update(step)
+    bar.close()
+    val_log = pd.DataFrame(val_rows)
+    if len(val_log):
+        val_log["restarts"] = restarts
+    return model.eval(), pd.DataFrame(rows), val_log, critic
+
+
+def _fmt(metrics: dict) -> str:
+    return ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k in ("dice", "epe_mm", "folding_percent",
+                                                                         "similarity"))
 
 
 def write_loss_log(frame: pd.DataFrame, path, seed: int) -> None:

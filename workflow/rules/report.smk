@@ -27,6 +27,7 @@ rule figures:
         losses=[rules.train_teacher.output.losses]
         + expand(f"{RESULTS}/training/student_{{variant}}_loss.csv", variant=VARIANTS)
         + expand(f"{RESULTS}/training/{{model}}_loss.csv", model=[m for m in MODELS if m.startswith("peer_")]),
+        validation=expand(f"{RESULTS}/training/{{model}}_validation.csv", model=MODELS),
         models=expand(model_file("{model}"), model=MODELS),
         subjects=rules.preprocess.output.subjects,
         pairs=rules.preprocess.output.pairs,
@@ -34,7 +35,7 @@ rule figures:
         report(
             expand(
                 f"{RESULTS}/figures/{{name}}.png",
-                name=["qualitative", "dice_boxplot", "accuracy_vs_time", "training_curves"],
+                name=["qualitative", "dice_boxplot", "accuracy_vs_time", "training_curves", "learning_curves"],
             ),
             category="Figures",
         ),

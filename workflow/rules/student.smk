@@ -7,6 +7,7 @@ rule train_student:
     output:
         model=model_file("student_{variant}"),
         losses=f"{RESULTS}/training/student_{{variant}}_loss.csv",
+        validation=f"{RESULTS}/training/student_{{variant}}_validation.csv",
     params:
         checkpoint=lambda wc: f"{RESULTS}/checkpoints/student_{wc.variant}.ckpt",
         # a changed variant definition reruns that variant (--rerun-triggers params)
@@ -32,6 +33,7 @@ rule train_voxelmorph:
     output:
         model=model_file("peer_voxelmorph"),
         losses=f"{RESULTS}/training/peer_voxelmorph_loss.csv",
+        validation=f"{RESULTS}/training/peer_voxelmorph_validation.csv",
     params:
         checkpoint=f"{RESULTS}/checkpoints/peer_voxelmorph.ckpt",
         settings=PEERS["voxelmorph"],

@@ -5,6 +5,7 @@ rule train_teacher:
     output:
         model=model_file("teacher"),
         losses=f"{RESULTS}/training/teacher_loss.csv",
+        validation=f"{RESULTS}/training/teacher_validation.csv",
     params:
         # outside the outputs, so a failed or interrupted job keeps it and the rerun resumes
         checkpoint=f"{RESULTS}/checkpoints/teacher.ckpt",
@@ -31,6 +32,9 @@ rule cache_teacher_flows:
         pairs=rules.preprocess.output.pairs,
     output:
         flows=f"{RESULTS}/cache/teacher_flows.pt",
+    params:
+        # a changed refinement rebuilds the targets (--rerun-triggers params)
+        refine=config["teacher_cache"]["refine"],
     log:
         f"{RESULTS}/logs/cache_teacher_flows.log",
     benchmark:
