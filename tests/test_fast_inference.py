@@ -157,3 +157,34 @@ def test_profile_one_times_every_stage(tmp_path):
     assert all(row[f"{s}_s"] > 0 for s in STAGES)
     assert row["total_min_s"] <= row["total_s"] <= 1.5 * sum(row[f"{s}_s"] for s in STAGES)
     assert row["peak_rss_mb"] > 50 and row["write_nii_gz_s"] > 0
+
+
+def test_register_refine_steps_zero_is_the_network_alone_and_steps_improve_the_match(tmp_path):
+    from ldreg.losses import local_ncc_loss
+
+    prep = Preprocessing(spacing_mm=2.0, grid=(32, 32, 32))
+    model_path = tmp_path / "student.pt"
+    save_model(model_path, build_network(CascadeSpec(kind="student", width=4, depth=3, affine=False)), prep, {}, "s")
+    # a textured pair two voxels apart (a blob's flat background gives local NCC nothing to hold)
+    from scipy import ndimage
+
+    texture = ndimage.gaussian_filter(np.random.default_rng(0).random((40, 40, 40)), 2.0)[4:36, 4:36, 4:36]
+    texture = ((texture - texture.min()) / np.ptp(texture)).astype(np.float32)
+    shifted = np.roll(texture, 2, axis=0)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    paths = {"moving": tmp_path / "tm.nii", "fixed": tmp_path / "tf.nii", "labels": tmp_path / "tl.nii"}
+    nib.save(nib.Nifti1Image(shifted, affine), paths["moving"])
+    nib.save(nib.Nifti1Image(texture, affine), paths["fixed"])
+    nib.save(nib.Nifti1Image((texture > 0.5).astype(np.int16), affine), paths["labels"])
+    plain = Registrar(model_path).register(paths["moving"], paths["fixed"], paths["labels"])
+    zero = Registrar(model_path, refine_steps=0).register(paths["moving"], paths["fixed"], paths["labels"])
+    np.testing.assert_array_equal(zero["field"], plain["field"])
+    np.testing.assert_array_equal(zero["warped"], plain["warped"])
+    assert "refine" not in zero["times"]
+    refined = Registrar(model_path, refine_steps=10).register(paths["moving"], paths["fixed"], paths["labels"])
+    assert refined["times"]["refine"] > 0
+    fixed = torch.from_numpy(np.asarray(nib.load(paths["fixed"]).dataobj, dtype=np.float32))[None, None]
+    loss = lambda r: float(local_ncc_loss(torch.from_numpy(r["warped"])[None, None], fixed))
+    assert loss(refined) < 0.9 * loss(plain)
+    with pytest.raises(ValueError, match="refine_steps"):
+        Registrar(model_path, refine_steps=-1)

@@ -49,3 +49,20 @@ def test_bad_options_are_refused():
         optimise_field(moving, fixed, steps=2, resolution=0)
     with pytest.raises(ValueError, match="start field"):
         optimise_field(moving, fixed, torch.zeros(1, 3, 8, 8, 8), steps=2)
+
+
+def test_cached_teacher_fields_can_be_refined(tmp_path):
+    import pandas as pd
+
+    from ldreg.networks import CascadeSpec, build_network
+    from ldreg.training import FlowCache, cache_teacher_flows
+
+    moving, fixed, _, _ = _pair()
+    images = {"m": moving, "f": fixed}
+    pairs = pd.DataFrame([{"pair_id": "m__f", "moving": "m", "fixed": "f"}, {"pair_id": "f__m", "moving": "f", "fixed": "m"}])
+    teacher = build_network(CascadeSpec(kind="teacher", width=4, depth=3, affine=False))
+    cache_teacher_flows(teacher, pairs, images, tmp_path / "raw.pt")
+    report = cache_teacher_flows(teacher, pairs, images, tmp_path / "refined.pt", refine={"steps": 10, "lr": 0.5})
+    assert (report.similarity_end < report.similarity_start).all()
+    raw, refined = FlowCache(tmp_path / "raw.pt"), FlowCache(tmp_path / "refined.pt")
+    assert refined.get("m__f", (24, 24, 24)).abs().max() > raw.get("m__f", (24, 24, 24)).abs().max() + 0.5

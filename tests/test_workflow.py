@@ -74,7 +74,11 @@ def test_every_table_and_figure_exists_with_sane_values(tiny_run):
         assert (tiny_run / "figures" / f"{name}.png").stat().st_size > 10_000
     acc = pd.read_csv(tiny_run / "tables" / "accuracy.csv").set_index("method")
     assert set(acc.index) >= {"identity", "affine", "teacher", "student_unsupervised", "student_distill", "student_aldk",
-                              "peer_voxelmorph", "peer_ants_syn"}
+                              "peer_voxelmorph", "peer_ants_syn", "optimise5", "student_aldk+refine5"}
+    # per-pair optimisation: timed by its evaluation, and refining a field improves on it
+    assert acc.loc[["optimise5", "student_aldk+refine5"], "cpu_s_per_pair"].gt(0).all()
+    assert acc.loc["student_aldk+refine5", "dice_mean"] > acc.loc["student_aldk", "dice_mean"]
+    assert "flag" in acc.columns
     assert acc.dice_mean.between(0, 1).all()
     # A few dozen CPU steps on 6 mm volumes leave each network's Dice within run-to-run noise of
     # no registration (thread scheduling changes float sums, hence the trajectory), so per-model
@@ -100,6 +104,13 @@ def test_every_table_and_figure_exists_with_sane_values(tiny_run):
         assert acc.loc["peer_ants_syn", "dice_mean"] > acc.loc["identity", "dice_mean"]
     ablation = pd.read_csv(tiny_run / "tables" / "ablation.csv")
     assert list(ablation.variant) == ["unsupervised", "distill", "aldk"]
+    # paired test against the unsupervised student on the test pairs (6 pairs: p-values exist)
+    assert ablation.set_index("variant").loc["unsupervised", "dice_diff_vs_unsupervised"] == 0
+    assert ablation.wilcoxon_p.iloc[1:].between(0, 1).all()
+    for name in ("teacher", "student_unsupervised", "student_aldk"):
+        curve = pd.read_csv(tiny_run / "training" / f"{name}_validation.csv")
+        assert curve.step.iloc[0] == 0 and curve.step.is_monotonic_increasing and curve.dice.between(0, 1).all()
+    assert (tiny_run / "figures" / "learning_curves.png").stat().st_size > 10_000
     losses = pd.read_csv(tiny_run / "training" / "student_aldk_loss.csv")
     assert {"critic", "wasserstein", "adversarial"} <= set(losses.columns)
     assert (tiny_run / "logs" / "train_teacher.log").read_text().count("it/s") > 0

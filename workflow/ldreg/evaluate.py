@@ -3,6 +3,7 @@ test pairs: Dice, HD95, folding, SDlogJ, and error against the true field where 
 from __future__ import annotations
 
 import logging
+import time
 
 import nibabel as nib
 import numpy as np
@@ -13,6 +14,7 @@ from .data import true_pair_field
 from .io import InputError
 from .metrics import dice_per_label, field_error, folding_fraction, hd95, sd_log_jacobian
 from .modelfile import load_model
+from .optimise import optimise_field
 from .progress import progress
 from .warp import warp_labels
 
@@ -34,6 +36,23 @@ def flow_predictor(method: str, model_path=None, device: str = "cpu"):
     raise ValueError(f"unknown method {method!r}")
 
 
+def refined_predictor(method: str, model_path, options: dict, device: str = "cpu"):
+    """'optimise<K>': K steps of per-pair optimisation from a zero field; '<model>+refine<K>':
+    the model's field refined by K steps (as ``register --refine-steps K``)."""
+    opts = {k: options[k] for k in ("lr", "smoothness_weight", "resolution")}
+    if method.startswith("optimise"):
+        steps, start = int(method.removeprefix("optimise")), flow_predictor("identity")
+    else:
+        name, _, k = method.partition("+refine")
+        steps, start = int(k), flow_predictor("model", model_path, device)
+
+    def predict(m, f):
+        field, _ = optimise_field(m.to(device), f.to(device), start(m, f).to(device), steps, **opts)
+        return field.cpu()
+
+    return predict
+
+
 def _load(path, dtype):
     img = nib.load(path)
     return np.asarray(img.dataobj).astype(dtype), img
@@ -51,9 +70,12 @@ def evaluate_pairs(name: str, predict, subjects: pd.DataFrame, pairs: pd.DataFra
         mov, fix = subj.loc[row.moving], subj.loc[row.fixed]
         moving, mov_img = _load(mov.image, np.float32)
         fixed, fix_img = _load(fix.image, np.float32)
+        t = time.perf_counter()
         flow = predict(torch.from_numpy(moving)[None, None], torch.from_numpy(fixed)[None, None])
+        seconds = time.perf_counter() - t
         field = flow[0].numpy()
-        rec = {"method": name, "pair_id": row.pair_id, "folding_fraction": folding_fraction(field),
+        rec = {"method": name, "pair_id": row.pair_id, "predict_s": seconds, "threads": torch.get_num_threads(),
+               "folding_fraction": folding_fraction(field),
                "sdlogj": sd_log_jacobian(field)}
         fix_lab = None
         if isinstance(mov.labels, str) and mov.labels:

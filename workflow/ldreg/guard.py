@@ -21,7 +21,8 @@ class GuardLimits:
     window: int = 50  # steps of history the run-away tests compare with
     warmup: int = 10  # steps before the history-based tests start
     similarity_factor: float = 1.25  # recent similarity loss above this x the start's: diverged
-    field_factor: float = 8.0  # field RMS above this x its recent median (and > 2 voxels): blew up
+    field_factor: float = 8.0  # field RMS above this x its recent median (and > field_floor of the grid): blew up
+    field_floor: float = 0.1  # early growth from the identity is learning, not divergence, below this grid fraction
     field_fraction: float = 0.25  # field RMS above this fraction of the smallest grid side: absurd
     critic_factor: float = 10.0  # |critic estimate| above this x its recent median (and > 2): ran away
     folding_percent: float = 1.0  # validation folding above this: diverged
@@ -35,6 +36,7 @@ class DivergenceGuard:
     def __init__(self, grid, limits: GuardLimits | None = None):
         self.limits = limits or GuardLimits()
         self.max_field = self.limits.field_fraction * min(grid)
+        self.field_floor = self.limits.field_floor * min(grid)
         self.reset()
 
     def reset(self) -> None:
@@ -58,7 +60,7 @@ class DivergenceGuard:
             return f"field RMS {field_rms:.1f} voxels exceeds {self.max_field:.1f} ({lim.field_fraction} of the grid)"
         if len(recent["field_rms"]) >= lim.warmup:
             median = statistics.median(recent["field_rms"])
-            if field_rms > max(lim.field_factor * median, 2.0):
+            if field_rms > max(lim.field_factor * median, self.field_floor):
                 return f"field RMS blew up: {field_rms:.2f} voxels against a recent median of {median:.2f}"
         recent["field_rms"].append(field_rms)
         if critic is not None:

@@ -38,13 +38,15 @@ def optimise_field(moving: torch.Tensor, fixed: torch.Tensor, start: torch.Tenso
                          f"steps={steps}, resolution={resolution}, schedule={schedule!r}")
     if steps == 0:
         return start, {}
-    start = start.detach()
+    # inputs made under inference mode (evaluation, register) cannot enter autograd: plain copies
+    with torch.inference_mode(False):
+        moving, fixed, start = moving.clone(), fixed.clone(), start.detach().clone()
     coarse = tuple(max(2, round(s * resolution)) for s in shape)
     residual = torch.zeros(moving.shape[0], 3, *coarse, dtype=moving.dtype, device=moving.device, requires_grad=True)
     optimiser = torch.optim.Adam([residual], lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps) if schedule == "cosine" else None
     record = {}
-    with torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad():
         for i in range(steps):
             field = start + (F.interpolate(residual, size=shape, mode="trilinear", align_corners=True)
                              if coarse != shape else residual)
@@ -57,7 +59,7 @@ def optimise_field(moving: torch.Tensor, fixed: torch.Tensor, start: torch.Tenso
             optimiser.step()
             if sched is not None:
                 sched.step()
-    with torch.no_grad():
+    with torch.inference_mode(False), torch.no_grad():
         field = start + (F.interpolate(residual, size=shape, mode="trilinear", align_corners=True)
                          if coarse != shape else residual)
         record["similarity_end"] = float(similarity_loss(similarity, warp_image(moving, field), fixed))

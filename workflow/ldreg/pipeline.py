@@ -16,7 +16,7 @@ import torch
 from . import data as data_mod
 from . import peers
 from .engines import cpu_summary
-from .evaluate import evaluate_pairs, flow_predictor, validator
+from .evaluate import evaluate_pairs, flow_predictor, refined_predictor, validator
 from .io import InputError, write_csv
 from .modelfile import load_model, save_model
 from .networks import CascadeSpec, build_network, complexity
@@ -210,6 +210,9 @@ def evaluate(config, method: str, model_path, subjects_csv, pairs_csv, per_pair_
             write_csv(pd.DataFrame(columns=["method", "pair_id", "label", "dice"]), per_label_csv)
             return
         predict = peers.ants_predictor(config["preprocessing"]["spacing_mm"], torch.get_num_threads())
+    elif method.startswith("optimise") or "+refine" in method:
+        predict = refined_predictor(method, model_path, config["evaluation"]["refine"],
+                                    str(device_for(config.get("device", "auto"))))
     else:
         kind = method if method in ("identity", "affine") else "model"
         predict = flow_predictor(kind, model_path, str(device_for(config.get("device", "auto"))))
@@ -256,7 +259,7 @@ def tables(config, eval_csvs: dict, timing_csvs: dict, model_paths: dict, out_di
     out_dir = Path(out_dir)
     write_table(accuracy.assign(seed=config["seed"]), out_dir / "accuracy")
     write_table(speed_table(speed), out_dir / "speed")
-    write_table(ablation_table(accuracy, config["students"]["variants"]), out_dir / "ablation")
+    write_table(ablation_table(accuracy, config["students"]["variants"], evals), out_dir / "ablation")
 
 
 def figures(config, eval_csvs: dict, accuracy_csv, loss_csvs: dict, model_paths: dict, subjects_csv, pairs_csv, out_dir,
@@ -320,7 +323,12 @@ def speed_profile(config, model_paths: dict, subjects_csv, pairs_csv, profile_cs
     pairs = pd.read_csv(pairs_csv)
     counts = sorted({usable_threads(n) for n in sp["threads"]})
     grids = [tuple(config["preprocessing"]["grid"])] + [tuple(g) for g in sp["extra_grids"]]
-    table, machine = profile(model_paths, sp["engines"], grids, counts, sp["repeats"], sp["warmup"],
+    repeats = sp["repeats"]
+    if not sp["full"]:  # the short form in `all`: the default grid, the most threads, 3 runs
+        grids, counts, repeats = grids[:1], counts[-1:], min(repeats, 3)
+        log.info("short speed profile (speed_profile.full: false): grid %s, %d threads, %d runs", grids[0], counts[0],
+                 repeats)
+    table, machine = profile(model_paths, sp["engines"], grids, counts, repeats, sp["warmup"],
                              pd.read_csv(subjects_csv), pairs[pairs.split == "test"],
                              config["preprocessing"]["spacing_mm"], sp["reference_engine"], sp["baseline_model"],
                              sp.get("reference_model"), config["seed"])

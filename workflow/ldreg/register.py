@@ -24,6 +24,7 @@ from .data import Preprocessing, preprocess_array
 from .io import InputError, field_to_nifti_array, load_volume, save_volume
 from .modelfile import load_model
 from .networks import prepare_for_inference
+from .optimise import optimise_field
 from .warp import identity_grid, label_sampling_dtype, sample_at, warp_image, warp_labels
 
 
@@ -56,7 +57,10 @@ class Registrar:
     2^depth)."""
 
     def __init__(self, model_path, device: str = "cpu", precision: str = "float32", channels_last: bool = False,
-                 grid=None):
+                 grid=None, refine_steps: int = 0, refine_options: dict | None = None):
+        if refine_steps < 0:
+            raise ValueError(f"refine_steps must be >= 0, got {refine_steps}")
+        self.refine_steps, self.refine_options = refine_steps, dict(refine_options or {})
         self.model, prep, self.payload = load_model(model_path, device)
         self.prep: Preprocessing = dataclasses.replace(prep, grid=tuple(grid)) if grid else prep
         self.device = device
@@ -73,6 +77,16 @@ class Registrar:
         as_batch = lambda a: torch.from_numpy(a)[None, None].to(self.device)
         flow = self.model(as_batch(moving.image), as_batch(fixed.image), warp=False)["flow"]
         return flow[0].float().cpu()
+
+    def refine(self, flow: torch.Tensor, moving: Prepared, fixed: Prepared) -> torch.Tensor:
+        """``refine_steps`` of per-pair optimisation (:func:`ldreg.optimise.optimise_field`) from
+        the network's field, on the preprocessed grid; zero steps return ``flow`` itself."""
+        if not self.refine_steps:
+            return flow
+        as_batch = lambda a: torch.from_numpy(a)[None, None]
+        refined, _ = optimise_field(as_batch(moving.image), as_batch(fixed.image), flow[None], self.refine_steps,
+                                    **self.refine_options)
+        return refined[0]
 
     @torch.inference_mode()
     def warp(self, flow: torch.Tensor, moving: Prepared, fixed: Prepared, moving_labels_path=None) -> dict:
@@ -121,6 +135,10 @@ class Registrar:
         t = time.perf_counter()
         flow = self.predict(moving, fixed)
         times["network"] = time.perf_counter() - t
+        if self.refine_steps:
+            t = time.perf_counter()
+            flow = self.refine(flow, moving, fixed)
+            times["refine"] = time.perf_counter() - t
         t = time.perf_counter()
         result = self.warp(flow, moving, fixed, moving_labels_path)
         times["warp"] = time.perf_counter() - t

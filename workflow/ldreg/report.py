@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from scipy.stats import wilcoxon  # noqa: E402
 
 from .evaluate import registration_flag  # noqa: E402
 from .io import atomic_path, write_csv  # noqa: E402
@@ -43,6 +44,9 @@ def accuracy_table(evals: pd.DataFrame, speed: pd.DataFrame, params: dict) -> pd
         if "epe_mean_mm" in g:
             row["epe_mm"] = g.epe_mean_mm.mean()
         row["cpu_s_per_pair"] = cpu.get(method, np.nan) if len(cpu) else np.nan
+        if np.isnan(row["cpu_s_per_pair"]) and "predict_s" in g and (g.get("threads", 1) == 1).all():
+            # methods with no timing job (per-pair optimisation): their 1-thread evaluation time
+            row["cpu_s_per_pair"] = float(g.predict_s.median())
         rows.append(row)
     table = pd.DataFrame(rows)
     if "identity" in set(table.method) and "dice_mean" in table:
@@ -68,8 +72,26 @@ def speed_table(speed: pd.DataFrame, teacher: str = "teacher", student: str = "s
     return out
 
 
-def ablation_table(accuracy: pd.DataFrame, variants: dict) -> pd.DataFrame:
-    """The students side by side with what each variant switches on."""
+def paired_test(evals: pd.DataFrame, method: str, against: str, metric: str = "dice") -> dict:
+    """Mean per-pair difference of ``metric`` (method - against) over the pairs both scored, and
+    the two-sided Wilcoxon signed-rank p-value (NaN with fewer than 6 pairs or no difference)."""
+    a = evals[evals.method == method].set_index("pair_id").get(metric)
+    b = evals[evals.method == against].set_index("pair_id").get(metric)
+    if a is None or b is None:
+        return {"dice_diff_vs_unsupervised": np.nan, "wilcoxon_p": np.nan, "pairs": 0}
+    both = pd.concat([a, b], axis=1, join="inner").dropna()
+    diff = both.iloc[:, 0] - both.iloc[:, 1]
+    p = np.nan
+    if len(diff) >= 6 and (diff != 0).any():
+        p = float(wilcoxon(diff).pvalue)
+    return {"dice_diff_vs_unsupervised": float(diff.mean()) if len(diff) else np.nan, "wilcoxon_p": p,
+            "pairs": int(len(diff))}
+
+
+def ablation_table(accuracy: pd.DataFrame, variants: dict, evals: pd.DataFrame | None = None,
+                   baseline: str = "unsupervised") -> pd.DataFrame:
+    """The students side by side with what each variant switches on and, where per-pair results
+    are given, a paired test of each against the ``baseline`` variant on the same test pairs."""
     rows = []
     for name, v in variants.items():
         if v is None:
@@ -80,11 +102,14 @@ def ablation_table(accuracy: pd.DataFrame, variants: dict) -> pd.DataFrame:
         if acc.empty:
             continue
         a = acc.iloc[0]
-        rows.append({"variant": name, "cascades": v.get("cascades", 1), "distillation": v.get("distillation", "none"),
-                     "adversarial": bool(v.get("adversarial", False)),
-                     "half_res_flow": bool(v.get("half_res_flow", False)), "parameters": a.parameters, "dice": a.dice,
-                     "dice_mean": a.dice_mean, "hd95_mm": a.hd95_mm, "folding_percent": a.folding_percent,
-                     "cpu_s_per_pair": a.cpu_s_per_pair, "flag": a.get("flag", "")})
+        row = {"variant": name, "cascades": v.get("cascades", 1), "distillation": v.get("distillation", "none"),
+               "adversarial": bool(v.get("adversarial", False)), "gamma": v.get("gamma", np.nan) if v.get("adversarial") else np.nan,
+               "half_res_flow": bool(v.get("half_res_flow", False)), "parameters": a.parameters, "dice": a.dice,
+               "dice_mean": a.dice_mean, "hd95_mm": a.hd95_mm, "folding_percent": a.folding_percent,
+               "epe_mm": a.get("epe_mm", np.nan), "cpu_s_per_pair": a.cpu_s_per_pair, "flag": a.get("flag", "")}
+        if evals is not None:
+            row.update(paired_test(evals, method, f"student_{baseline}"))
+        rows.append(row)
     return pd.DataFrame(rows)
 
 

@@ -1,3 +1,5 @@
+import re
+
 # Names shared by every rule: the models, the evaluated methods and where their files lie.
 RESULTS = config["results_dir"]
 RESOURCES = config["resources_dir"]
@@ -11,13 +13,18 @@ MODELS = (
 )
 # ANTs has no model file: evaluated and timed by rules of its own kind
 TIMED = MODELS + (["peer_ants_syn"] if PEERS["ants_syn"]["enabled"] else [])
-METHODS = ["identity", "affine"] + TIMED
+# per-pair optimisation (ldreg.optimise) alone, and started from a model's field
+REFINE = config["evaluation"]["refine"]
+REFINED = [f"optimise{k}" for k in REFINE["optimise_steps"]] + [
+    f"{m}+refine{k}" for m in REFINE["models"] for k in REFINE["steps"]
+]
+METHODS = ["identity", "affine"] + TIMED + REFINED
 
 
 wildcard_constraints:
     variant="|".join(VARIANTS) or "none",
     model="|".join(MODELS),
-    method="|".join(METHODS),
+    method="|".join(re.escape(m) for m in METHODS),
 
 
 def model_file(name):
@@ -48,6 +55,7 @@ def student_uses_teacher(variant):
 
 
 def method_model(wildcards):
-    if wildcards.method in ("identity", "peer_ants_syn"):
+    method = wildcards.method.split("+refine")[0]
+    if method in ("identity", "peer_ants_syn") or method.startswith("optimise"):
         return []
-    return model_file("teacher" if wildcards.method == "affine" else wildcards.method)
+    return model_file("teacher" if method == "affine" else method)

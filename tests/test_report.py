@@ -1,0 +1,35 @@
+"""Tables: the paired test of the ablation and the flag on methods that do not register."""
+import numpy as np
+import pandas as pd
+
+from ldreg.evaluate import registration_flag
+from ldreg.report import accuracy_table, paired_test
+
+
+def _evals(diffs):
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.2, 0.4, len(diffs))
+    rows = [{"method": "student_unsupervised", "pair_id": f"p{i}", "dice": b, "folding_fraction": 0.0, "sdlogj": 0.1}
+            for i, b in enumerate(base)]
+    rows += [{"method": "student_aldk", "pair_id": f"p{i}", "dice": b + d, "folding_fraction": 0.0, "sdlogj": 0.1}
+             for i, (b, d) in enumerate(zip(base, diffs))]
+    return pd.DataFrame(rows)
+
+
+def test_paired_test_finds_a_consistent_gain_and_not_noise():
+    gain = paired_test(_evals([0.02] * 12), "student_aldk", "student_unsupervised")
+    assert abs(gain["dice_diff_vs_unsupervised"] - 0.02) < 1e-9
+    assert gain["wilcoxon_p"] < 0.01 and gain["pairs"] == 12
+    noise = paired_test(_evals(np.random.default_rng(1).normal(0, 0.01, 12)), "student_aldk", "student_unsupervised")
+    assert noise["wilcoxon_p"] > 0.05
+
+
+def test_methods_below_no_registration_or_folding_are_flagged():
+    assert registration_flag(0.30, 0.20, 0.01) == ""
+    assert "below no registration" in registration_flag(0.10, 0.20, 0.0)
+    assert "folding 5.00 % > 1 %" in registration_flag(0.30, 0.20, 5.0)
+    evals = pd.DataFrame([{"method": m, "pair_id": "p", "dice": d, "folding_fraction": f, "sdlogj": 0.1}
+                          for m, d, f in [("identity", 0.2, 0), ("good", 0.3, 0), ("broken", 0.0, 0.06)]])
+    table = accuracy_table(evals, pd.DataFrame(), {}).set_index("method")
+    assert table.loc["good", "flag"] == "" and table.loc["identity", "flag"] == ""
+    assert "below no registration" in table.loc["broken", "flag"] and "folding" in table.loc["broken", "flag"]
