@@ -66,3 +66,12 @@ def test_cached_teacher_fields_can_be_refined(tmp_path):
     assert (report.similarity_end < report.similarity_start).all()
     raw, refined = FlowCache(tmp_path / "raw.pt"), FlowCache(tmp_path / "refined.pt")
     assert refined.get("m__f", (24, 24, 24)).abs().max() > raw.get("m__f", (24, 24, 24)).abs().max() + 0.5
+
+
+def test_refinement_works_on_inputs_made_under_inference_mode():
+    """Evaluation and register run under torch.inference_mode: the optimiser must still train."""
+    moving, fixed, _, _ = _pair()
+    with torch.inference_mode():
+        m, f, start = moving.clone(), fixed.clone(), torch.zeros(1, 3, 24, 24, 24)
+        field, record = optimise_field(m, f, start, steps=5)
+    assert record["similarity_end"] < record["similarity_start"]

@@ -42,11 +42,12 @@ def optimise_field(moving: torch.Tensor, fixed: torch.Tensor, start: torch.Tenso
     with torch.inference_mode(False):
         moving, fixed, start = moving.clone(), fixed.clone(), start.detach().clone()
     coarse = tuple(max(2, round(s * resolution)) for s in shape)
-    residual = torch.zeros(moving.shape[0], 3, *coarse, dtype=moving.dtype, device=moving.device, requires_grad=True)
-    optimiser = torch.optim.Adam([residual], lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps) if schedule == "cosine" else None
     record = {}
     with torch.inference_mode(False), torch.enable_grad():
+        residual = torch.zeros(moving.shape[0], 3, *coarse, dtype=moving.dtype, device=moving.device,
+                               requires_grad=True)
+        optimiser = torch.optim.Adam([residual], lr=lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps) if schedule == "cosine" else None
         for i in range(steps):
             field = start + (F.interpolate(residual, size=shape, mode="trilinear", align_corners=True)
                              if coarse != shape else residual)

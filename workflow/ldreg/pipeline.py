@@ -297,6 +297,9 @@ def run_job(log_path, threads, job, *args, **kwargs) -> None:
     except (InputError, ValueError) as exc:
         log.error("%s", exc)
         raise SystemExit(f"error: {exc}") from None
+    except Exception:
+        log.exception("unexpected failure")  # the trace goes to the job's log, not only to stderr
+        raise
 
 
 def benchmark_core(config, out_csv) -> None:
