@@ -54,7 +54,7 @@ class TrainConfig:
     grad_clip: float = 0.0  # max gradient norm; 0: off
     checkpoint_every: int = 50
     validate_every: int = 50  # validation pairs scored (and a good state kept) every N steps
-    max_restarts: int = 3  # divergences remedied (last good state, halved learning rates) before giving up
+    max_restarts: int = 5  # divergences remedied (last good state, halved learning rates) before giving up
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":

@@ -15,10 +15,9 @@ MODELS = (
 TIMED = MODELS + (["peer_ants_syn"] if PEERS["ants_syn"]["enabled"] else [])
 # per-pair optimisation (ldreg.optimise) alone, and started from a model's field
 REFINE = config["evaluation"]["refine"]
-REFINED = [f"optimise{k}" for k in REFINE["optimise_steps"]] + [
-    f"{m}+refine{k}" for m in REFINE["models"] for k in REFINE["steps"]
-]
-METHODS = ["identity", "affine"] + TIMED + REFINED
+REFINED = [f"optimise{k}" for k in REFINE["optimise_steps"]]
+REFINED.extend(f"{m}+refine{k}" for m in REFINE["models"] for k in REFINE["steps"])
+METHODS = ["identity", "affine", *TIMED, *REFINED]
 
 
 wildcard_constraints:
@@ -55,7 +54,7 @@ def student_uses_teacher(variant):
 
 
 def method_model(wildcards):
-    method = wildcards.method.split("+refine")[0]
+    method = re.sub(r"\+refine\d+$", "", wildcards.method)
     if method in ("identity", "peer_ants_syn") or method.startswith("optimise"):
         return []
     return model_file("teacher" if method == "affine" else method)
