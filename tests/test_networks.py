@@ -228,3 +228,15 @@ def test_validation_is_logged_and_guards_folding(tmp_path):
     _, _, val_log, _ = train(build_network(spec), pairs, images, cfg, tmp_path / "i.ckpt", show_progress=False,
                              validate=validate_ok)
     assert list(val_log.step) == [0, 2, 4, 6] and (val_log.cpu_seconds.diff().dropna() >= 0).all()
+
+
+def test_a_run_that_keeps_diverging_can_end_at_its_last_good_state(tmp_path):
+    images, _, pairs = _shifted_pairs(shape=(16, 16, 16))
+    spec = CascadeSpec(kind="student", width=4, depth=3, affine=False)
+    cfg = TrainConfig(steps=30, lr=50.0, max_restarts=1, on_exhausted="last_good", checkpoint_every=1000,
+                      validate_every=5)
+    ok = lambda model: {"dice": 0.5, "folding_percent": 0.0}
+    model, losses, val_log, _ = train(build_network(spec), pairs, images, cfg, tmp_path / "j.ckpt",
+                                      show_progress=False, validate=ok)
+    assert model.diverged["step"] >= 1 and model.diverged["kept_step"] == 0 and "field" in model.diverged["symptom"]
+    assert len(losses) == 0 and "diverged at step" in val_log.stopped.iloc[0]

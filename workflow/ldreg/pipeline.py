@@ -18,7 +18,7 @@ from . import peers
 from .engines import cpu_summary
 from .evaluate import evaluate_pairs, flow_predictor, refined_predictor, validator
 from .io import InputError, write_csv
-from .modelfile import load_model, save_model
+from .modelfile import load_model, read_model_file, save_model
 from .networks import CascadeSpec, build_network, complexity
 from .report import (ablation_table, accuracy_table, accuracy_vs_time, dice_boxplot, learning_curves, qualitative_panel,
                      speed_table, training_curves, write_table)
@@ -136,11 +136,11 @@ def _run_training(name, spec: CascadeSpec, train_cfg: dict, config, subjects_csv
     validate = training_validator(config, subjects_csv, pairs_csv, str(device))
     model, losses, val_log, _ = train(model, pairs, images, cfg, checkpoint, cache, str(device), validate=validate,
                                       name=name)
-    log.info("%s: %.2f training steps per second", name, len(losses) / max(losses.seconds.iloc[-1], 1e-9))
     write_loss_log(losses, loss_csv, cfg.seed)
     if val_csv:
         write_loss_log(val_log.assign(model=name), val_csv, cfg.seed)
-    save_model(model_out, model.cpu(), preprocessing_from(config), {"config": cfg.__dict__, "pairs": len(pairs)}, name)
+    training = {"config": cfg.__dict__, "pairs": len(pairs), "diverged": getattr(model, "diverged", None)}
+    save_model(model_out, model.cpu(), preprocessing_from(config), training, name)
     Path(checkpoint).unlink(missing_ok=True)  # done: the model file supersedes it
 
 
@@ -256,6 +256,13 @@ def tables(config, eval_csvs: dict, timing_csvs: dict, model_paths: dict, out_di
     params["identity"] = params["peer_ants_syn"] = 0
     params["affine"] = sum(x.numel() for x in load_model(model_paths["teacher"])[0].affine.parameters())
     accuracy = accuracy_table(evals, speed, params)
+    for method, path in model_paths.items():  # a training that ended at its last good state says so
+        diverged = read_model_file(path)["training"].get("diverged")
+        if diverged and "flag" in accuracy:
+            note = (f"training diverged at step {diverged['step']} ({diverged['symptom']}); "
+                    f"model from step {diverged['kept_step']}")
+            rows = accuracy.method == method
+            accuracy.loc[rows, "flag"] = ["; ".join(filter(None, [f, note])) for f in accuracy.loc[rows, "flag"]]
     out_dir = Path(out_dir)
     write_table(accuracy.assign(seed=config["seed"]), out_dir / "accuracy")
     write_table(speed_table(speed), out_dir / "speed")

@@ -55,6 +55,9 @@ class TrainConfig:
     checkpoint_every: int = 50
     validate_every: int = 50  # validation pairs scored (and a good state kept) every N steps
     max_restarts: int = 5  # divergences remedied (last good state, halved learning rates) before giving up
+    # when the remedies are used up: 'stop' (TrainingDiverged, no model) or 'last_good' (training
+    # ends at the last state that passed; the model file and tables say where and why)
+    on_exhausted: str = "stop"
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -63,6 +66,8 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training option(s) {sorted(unknown)}; known: {sorted(known)}")
         cfg = cls(**d)
+        if cfg.on_exhausted not in ("stop", "last_good"):
+            raise ValueError(f"on_exhausted must be 'stop' or 'last_good', got {cfg.on_exhausted!r}")
         if cfg.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {cfg.lr_schedule!r}")
         return cfg
@@ -224,6 +229,7 @@ def train(model: CascadedRegistration, pairs: pd.DataFrame, images: dict, cfg: T
                 "seconds": time.perf_counter() - t0}
 
     rows, val_rows, start, lr_factor, restarts = [], [], 0, 1.0, 0
+    stopped = None
     checkpoint_path = Path(checkpoint_path)
     if checkpoint_path.exists():
         state = torch.load(checkpoint_path, map_location=device, weights_only=False)
@@ -296,6 +302,14 @@ def train(model: CascadedRegistration, pairs: pd.DataFrame, images: dict, cfg: T
                 with atomic_path(checkpoint_path) as tmp:
                     torch.save(good, tmp)
         if symptom is not None:
+            if restarts >= cfg.max_restarts and cfg.on_exhausted == "last_good":
+                log.error("%s: diverged at step %d: %s; %d remedies used up: training ends at the last good state "
+                          "(step %d), which is what the model file holds", name, step + 1, symptom, restarts,
+                          good["step"])
+                restore(good)
+                rows, val_rows = copy.deepcopy(good["rows"]), copy.deepcopy(good["val_rows"])
+                stopped = {"step": step + 1, "symptom": symptom, "kept_step": good["step"]}
+                break
             if restarts >= cfg.max_restarts:
                 raise TrainingDiverged(
                     f"{name}: training diverged at step {step + 1}: {symptom}; {restarts} restart(s) from the last good "
@@ -313,9 +327,15 @@ def train(model: CascadedRegistration, pairs: pd.DataFrame, images: dict, cfg: T
             bar.reset(total=cfg.steps)
             bar.update(step)
     bar.close()
+    done = max(step - start, 0)
+    log.info("%s: %d steps in %.0f s of this process: %.2f training steps per second (validation included)", name,
+             done, time.perf_counter() - t0, done / max(time.perf_counter() - t0, 1e-9))
     val_log = pd.DataFrame(val_rows)
     if len(val_log):
         val_log["restarts"] = restarts
+        val_log["stopped"] = "" if stopped is None else (f"diverged at step {stopped['step']} "
+                                                         f"({stopped['symptom']}); kept step {stopped['kept_step']}")
+    model.diverged = stopped  # read by the caller for the model file
     return model.eval(), pd.DataFrame(rows), val_log, critic
 
 
