@@ -240,3 +240,14 @@ def test_a_run_that_keeps_diverging_can_end_at_its_last_good_state(tmp_path):
                                       show_progress=False, validate=ok)
     assert model.diverged["step"] >= 1 and model.diverged["kept_step"] == 0 and "field" in model.diverged["symptom"]
     assert len(losses) == 0 and "diverged at step" in val_log.stopped.iloc[0]
+
+
+def test_a_checkpoint_from_other_settings_is_not_resumed(tmp_path, caplog):
+    images, _, pairs = _shifted_pairs(shape=(16, 16, 16))
+    spec = CascadeSpec(kind="student", width=4, depth=3, affine=False)
+    train(build_network(spec), pairs, images, TrainConfig(steps=4, lr=1e-3, checkpoint_every=3), tmp_path / "k.ckpt",
+          show_progress=False)
+    with caplog.at_level("WARNING"):
+        _, losses, _, _ = train(build_network(spec), pairs, images, TrainConfig(steps=6, lr=5e-4, checkpoint_every=3),
+                                tmp_path / "k.ckpt", show_progress=False)
+    assert "other training settings (lr)" in caplog.text and losses.step.iloc[0] == 1

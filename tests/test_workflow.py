@@ -63,7 +63,7 @@ def _run(args, cwd, timeout=600, check=True):
 def tiny_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("run")
     _run(["all", "--cores", "2", "--configfile", str(TINY), "--config", f"results_dir={work}/results",
-          f"resources_dir={work}/resources"], cwd=work, timeout=900)
+          f"resources_dir={work}/resources"], cwd=work, timeout=1500)
     return work / "results"
 
 

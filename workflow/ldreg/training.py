@@ -205,7 +205,7 @@ def train(model: CascadedRegistration, pairs: pd.DataFrame, images: dict, cfg: T
 
     def snapshot(step, rows, val_rows, lr_factor, restarts) -> dict:
         state = {"model": model.state_dict(), "optimiser": optimiser.state_dict(), "rows": rows, "val_rows": val_rows,
-                 "step": step, "lr_factor": lr_factor, "restarts": restarts}
+                 "step": step, "lr_factor": lr_factor, "restarts": restarts, "settings": _resume_settings(cfg)}
         if critic is not None:
             state.update(critic=critic.state_dict(), critic_opt=critic_opt.state_dict())
         return copy.deepcopy(state)
@@ -231,8 +231,13 @@ def train(model: CascadedRegistration, pairs: pd.DataFrame, images: dict, cfg: T
     rows, val_rows, start, lr_factor, restarts = [], [], 0, 1.0, 0
     stopped = None
     checkpoint_path = Path(checkpoint_path)
-    if checkpoint_path.exists():
-        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
+    state = torch.load(checkpoint_path, map_location=device, weights_only=False) if checkpoint_path.exists() else None
+    if state is not None and state.get("settings", _resume_settings(cfg)) != _resume_settings(cfg):
+        changed = sorted(k for k, v in _resume_settings(cfg).items() if state["settings"].get(k) != v)
+        log.warning("%s: %s was written with other training settings (%s): starting afresh", name, checkpoint_path,
+                    ", ".join(changed))
+        state = None
+    if state is not None:
         restore(state)
         rows, val_rows, start = state["rows"], state.get("val_rows", []), state["step"]
         lr_factor, restarts = state.get("lr_factor", 1.0), state.get("restarts", 0)
@@ -337,6 +342,11 @@ def train(model: CascadedRegistration, pairs: pd.DataFrame, images: dict, cfg: T
                                                          f"({stopped['symptom']}); kept step {stopped['kept_step']}")
     model.diverged = stopped  # read by the caller for the model file
     return model.eval(), pd.DataFrame(rows), val_log, critic
+
+
+def _resume_settings(cfg: TrainConfig) -> dict:
+    """What a checkpoint must share with the run that resumes it (more steps may be asked for)."""
+    return {k: v for k, v in cfg.__dict__.items() if k != "steps"}
 
 
 def _fmt(metrics: dict) -> str:
