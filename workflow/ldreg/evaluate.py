@@ -11,6 +11,7 @@ import pandas as pd
 import torch
 
 from .data import true_pair_field
+from .guard import FOLDING_BOUND_PERCENT
 from .io import InputError
 from .metrics import dice_per_label, field_error, folding_fraction, hd95, sd_log_jacobian
 from .modelfile import load_model
@@ -43,8 +44,7 @@ def refined_predictor(method: str, model_path, options: dict, device: str = "cpu
     if method.startswith("optimise"):
         steps, start = int(method.removeprefix("optimise")), flow_predictor("identity")
     else:
-        name, _, k = method.partition("+refine")
-        steps, start = int(k), flow_predictor("model", model_path, device)
+        steps, start = int(method.rpartition("+refine")[2]), flow_predictor("model", model_path, device)
 
     def predict(m, f):
         field, _ = optimise_field(m.to(device), f.to(device), start(m, f).to(device), steps, **opts)
@@ -114,16 +114,13 @@ def validator(subjects: pd.DataFrame, pairs: pd.DataFrame, spacing: float, devic
 
     def validate(model) -> dict:
         if model is None:
-            predict = lambda m, f: torch.zeros(1, 3, *m.shape[2:])
+            predict = flow_predictor("identity")
         else:
             predict = lambda m, f: model(m.to(device), f.to(device), warp=False)["flow"].float().cpu()
         per_pair, _ = evaluate_pairs("validation", predict, subjects, pairs, spacing, with_hd95=False, show_progress=False)
         return summary(per_pair)
 
     return validate
-
-
-FOLDING_BOUND_PERCENT = 1.0  # more folding than this and a field is not a registration one would use
 
 
 def registration_flag(dice: float, identity_dice: float, folding_percent: float) -> str:

@@ -12,6 +12,9 @@ from collections import deque
 from dataclasses import dataclass
 
 
+FOLDING_BOUND_PERCENT = 1.0  # more folding than this and a field is not a registration one would use
+
+
 class TrainingDiverged(ValueError):
     """Raised when a run keeps diverging after every remedy; no model file is written."""
 
@@ -25,7 +28,7 @@ class GuardLimits:
     field_floor: float = 0.1  # early growth from the identity is learning, not divergence, below this grid fraction
     field_fraction: float = 0.25  # field RMS above this fraction of the smallest grid side: absurd
     critic_factor: float = 10.0  # |critic estimate| above this x its recent median (and > 2): ran away
-    folding_percent: float = 1.0  # validation folding above this: diverged
+    folding_percent: float = FOLDING_BOUND_PERCENT  # validation folding above this: diverged
     dice_drop: float = 0.02  # validation Dice this far below no registration: diverged
 
 

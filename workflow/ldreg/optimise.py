@@ -3,7 +3,8 @@ residual field kept at a coarser resolution and upsampled (smooth by constructio
 times cheaper per step than a full-resolution field).
 
 Goes beyond the paper: used to refine the teacher's cached fields before students learn from
-them (``teacher_cache.refine_steps``). One function for every caller.
+them (``teacher_cache.refine.steps``), by ``register --refine-steps`` and by the accuracy
+table's ``optimise<K>`` / ``<model>+refine<K>`` rows. One function for every caller.
 """
 from __future__ import annotations
 
@@ -43,14 +44,18 @@ def optimise_field(moving: torch.Tensor, fixed: torch.Tensor, start: torch.Tenso
         moving, fixed, start = moving.clone(), fixed.clone(), start.detach().clone()
     coarse = tuple(max(2, round(s * resolution)) for s in shape)
     record = {}
+
+    def full_field():  # start + the residual brought to the image grid
+        up = residual if coarse == shape else F.interpolate(residual, size=shape, mode="trilinear", align_corners=True)
+        return start + up
+
     with torch.inference_mode(False), torch.enable_grad():
         residual = torch.zeros(moving.shape[0], 3, *coarse, dtype=moving.dtype, device=moving.device,
                                requires_grad=True)
         optimiser = torch.optim.Adam([residual], lr=lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps) if schedule == "cosine" else None
         for i in range(steps):
-            field = start + (F.interpolate(residual, size=shape, mode="trilinear", align_corners=True)
-                             if coarse != shape else residual)
+            field = full_field()
             sim = similarity_loss(similarity, warp_image(moving, field), fixed)
             loss = sim + smoothness_weight * smoothness_loss(field)
             if i == 0:
@@ -61,7 +66,6 @@ def optimise_field(moving: torch.Tensor, fixed: torch.Tensor, start: torch.Tenso
             if sched is not None:
                 sched.step()
     with torch.inference_mode(False), torch.no_grad():
-        field = start + (F.interpolate(residual, size=shape, mode="trilinear", align_corners=True)
-                         if coarse != shape else residual)
+        field = full_field()
         record["similarity_end"] = float(similarity_loss(similarity, warp_image(moving, field), fixed))
     return field.detach(), record

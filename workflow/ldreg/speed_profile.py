@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 
 from .engines import cpu_summary, engine_spec, native_engines, precision_native, skip_reason
-from .evaluate import evaluate_pairs, registration_flag, summary
+from .evaluate import evaluate_pairs, flow_predictor, registration_flag, summary
 from .networks import complexity
 from .register import Registrar, write_outputs
 from .timing import peak_rss_mb, run_isolated, time_calls
@@ -122,7 +122,7 @@ def engine_scores(model_path, engine: str, subjects: pd.DataFrame, test_pairs: p
     """Mean Dice and folding over the test pairs with the model run by ``engine`` (no HD95:
     Dice is the guard); ``model_path`` None scores no registration."""
     if model_path is None:
-        name, predict = "identity", lambda m, f: torch.zeros(1, 3, *m.shape[2:])
+        name, predict = "identity", flow_predictor("identity")
     else:
         precision, channels_last = engine_spec(engine)
         registrar = Registrar(model_path, "cpu", precision, channels_last)
