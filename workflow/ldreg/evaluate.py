@@ -81,10 +81,15 @@ def evaluate_pairs(name: str, predict, subjects: pd.DataFrame, pairs: pd.DataFra
         if isinstance(mov.labels, str) and mov.labels:
             mov_lab, _ = _load(mov.labels, np.int32)
             fix_lab, _ = _load(fix.labels, np.int32)
+            for path, lab in ((mov.labels, mov_lab), (fix.labels, fix_lab)):
+                if lab.min() < 0:
+                    raise InputError(f"{path}: label map has negative values (min {lab.min()}); labels must be >= 0")
             warped = warp_labels(torch.from_numpy(mov_lab)[None, None], flow)[0, 0].numpy()
             labels = np.intersect1d(np.unique(fix_lab), np.unique(mov_lab))
             dice = dice_per_label(warped, fix_lab, labels)
             rec["dice"] = float(np.nanmean(list(dice.values())))
+            # structures of both maps that the warp lost (scored Dice 0, no HD95)
+            rec["labels_lost"] = int(sum(v == 0 for v in dice.values()))
             if with_hd95:
                 rec["hd95_mm"] = float(np.nanmean(list(hd95(warped, fix_lab, (spacing,) * 3, labels).values())))
             per_label += [{"method": name, "pair_id": row.pair_id, "label": k, "dice": v} for k, v in dice.items()]
