@@ -60,11 +60,11 @@ def test_register_maps_back_to_fixed_grid_with_foreign_affines(tmp_path, model_p
     warped, field, wlab = (nib.load(out[k]) for k in ("warped", "field", "wlabels"))
     for img in (warped, field, wlab):
         np.testing.assert_allclose(img.affine, fixed_affine)
-    assert warped.shape == image.shape and field.shape == (*image.shape, 3)
+    assert warped.shape == image.shape and field.shape == (*image.shape, 1, 3)  # ITK's layout (mm, LPS)
     # the untrained model starts at identity, so the same anatomy comes back onto the fixed grid
     assert np.abs(np.asarray(warped.dataobj) - image).mean() < 0.02
     assert mean_dice(np.asarray(wlab.dataobj).astype(np.int32), labels.astype(np.int32)) > 0.95
-    assert np.abs(np.asarray(field.dataobj)).max() < 0.5
+    assert np.abs(np.asarray(field.dataobj)).max() < 0.5 * 1.5  # mm
 
 
 def test_register_bad_input_exits_with_one_line(tmp_path, model_path, capsys):

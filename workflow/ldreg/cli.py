@@ -33,7 +33,7 @@ def _cmd_register(args) -> None:
     load_seconds = time.perf_counter() - t0
     result = registrar.register(args.moving, args.fixed, args.moving_labels)
     t = time.perf_counter()
-    write_outputs(result, args.warped, args.field, args.warped_labels)
+    write_outputs(result, args.warped, args.field, args.warped_labels, args.field_in_fixed_voxels)
     times = {"load_model": load_seconds, **result["times"], "write": time.perf_counter() - t}
     print(f"{'precision':>11}: {precision}")
     for stage, seconds in times.items():
@@ -86,7 +86,11 @@ def _register_args(p) -> None:
     p.add_argument("--moving", required=True)
     p.add_argument("--fixed", required=True)
     p.add_argument("--warped", required=True, help="output: moving image warped onto the fixed grid")
-    p.add_argument("--field", help="output: displacement field (D, H, W, 3), fixed voxels")
+    p.add_argument("--field", help="output: displacement field as ITK, ANTs and 3D Slicer apply it (physical mm on "
+                                   "LPS axes, 5D vector NIfTI (D, H, W, 1, 3) on the fixed image's grid)")
+    p.add_argument("--field-in-fixed-voxels", action="store_true",
+                   help="write the field instead as (D, H, W, 3) in voxels of the fixed image (RAS voxel axes; no "
+                        "other tool reads this)")
     p.add_argument("--moving-labels", help="label map of the moving image")
     p.add_argument("--warped-labels", help="output: moving labels warped (nearest)")
     p.add_argument("--threads", type=int, default=None)

@@ -81,7 +81,7 @@ def save_volume(path, data, affine, header=None, dtype=None) -> None:
     hdr = header.copy() if header is not None else None
     img = nib.Nifti1Image(data, affine, hdr)
     img.set_data_dtype(data.dtype)
-    if data.ndim == 4:  # a displacement field: vector intent, so viewers know what it is
+    if data.ndim >= 4:  # a displacement field: vector intent (what ITK and ANTs look for)
         img.header.set_intent("vector")
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
@@ -113,9 +113,26 @@ def _fortran_order(data: np.ndarray) -> np.ndarray:
     return tensor.permute(*reversed(range(tensor.ndim))).contiguous().numpy().T
 
 
-def field_to_nifti_array(field) -> np.ndarray:
-    """(3, D, H, W) channel-first field to the (D, H, W, 3) layout written to NIfTI."""
+# NIfTI's (RAS) axes to ITK's (LPS): the first two physical axes change sign
+_RAS_TO_LPS = np.array([-1.0, -1.0, 1.0])
+
+
+def field_to_voxel_array(field) -> np.ndarray:
+    """(3, D, H, W) channel-first field in voxels of its grid to the (D, H, W, 3) layout: the
+    project's own convention, read by nothing else (``register --field-in-fixed-voxels``)."""
     return np.moveaxis(np.asarray(field, dtype=np.float32), 0, -1)
+
+
+def field_to_itk_array(field, affine) -> np.ndarray:
+    """(3, D, H, W) field in voxels of the grid of ``affine`` (voxel ``y`` maps to the point at
+    voxel coordinates ``y + u(y)``) to the displacement field that ITK-based tools (ANTs'
+    antsApplyTransforms, SimpleITK's DisplacementFieldTransform, 3D Slicer) apply as it is:
+    physical millimetres on LPS axes, laid out (D, H, W, 1, 3) as ANTs writes its warps (a 5D
+    NIfTI with vector intent, on the same grid and affine)."""
+    field = np.asarray(field, dtype=np.float64)
+    linear = np.asarray(affine, dtype=np.float64)[:3, :3]
+    mm_ras = np.einsum("ij,j...->...i", linear, field)  # (D, H, W, 3)
+    return (mm_ras * _RAS_TO_LPS).astype(np.float32)[:, :, :, None, :]
 
 
 def write_csv(frame, path) -> None:

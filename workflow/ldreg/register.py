@@ -4,9 +4,10 @@ split into the stages that the speed profile times one by one.
 A :class:`Registrar` loads the model once and then, per pair: ``prepare`` (read, check and
 preprocess each image), ``predict`` (the network's composed field on the preprocessed grid),
 ``warp`` (the field mapped back to the fixed image's own grid; the moving image and labels
-warped) and :func:`write_outputs`. The written field is (D, H, W, 3) in voxels of the fixed
+warped) and :func:`write_outputs`. In memory the field is (3, D, H, W) in voxels of the fixed
 image: fixed voxel ``y`` corresponds to the moving image's point at fixed-voxel coordinates
-``y + u(y)``. Where an image already lies on the model's grid (the common case for
+``y + u(y)``. It is written as ITK-based tools read a displacement field (physical mm, LPS
+axes, 5D vector NIfTI: :func:`ldreg.io.field_to_itk_array`), or on request in fixed voxels. Where an image already lies on the model's grid (the common case for
 preprocessed data) the maps between grids are identities and are skipped.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from .data import Preprocessing, preprocess_array
-from .io import InputError, field_to_nifti_array, load_volume, save_volume
+from .io import InputError, field_to_itk_array, field_to_voxel_array, load_volume, save_volume
 from .modelfile import load_model
 from .networks import prepare_for_inference
 from .optimise import optimise_field
@@ -146,12 +147,16 @@ class Registrar:
         return result
 
 
-def write_outputs(result: dict, warped_path, field_path=None, warped_labels_path=None) -> None:
-    """Write what was asked for, each with the fixed image's affine and header."""
+def write_outputs(result: dict, warped_path, field_path=None, warped_labels_path=None,
+                  field_in_fixed_voxels: bool = False) -> None:
+    """Write what was asked for, each with the fixed image's affine and header. The field is
+    written for ITK-based tools (mm, LPS, (D, H, W, 1, 3)) unless ``field_in_fixed_voxels``."""
     fixed_img = result["fixed_img"]
     jobs = [(warped_path, result["warped"], np.float32)]
     if field_path:
-        jobs.append((field_path, field_to_nifti_array(result["field"]), None))
+        field = (field_to_voxel_array(result["field"]) if field_in_fixed_voxels
+                 else field_to_itk_array(result["field"], fixed_img.affine))
+        jobs.append((field_path, field, None))
     if warped_labels_path:
         jobs.append((warped_labels_path, result["warped_labels"], None))
     # side by side: file writing and gzip release the GIL
