@@ -140,7 +140,7 @@ def archive(tmp_path):
     path = tmp_path / "data.tar"
     with tarfile.open(path, "w") as tf:
         tf.add(src, arcname="Task")
-    return path, hashlib.sha256(path.read_bytes()).hexdigest()
+    return path, {"sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
 
 
 def test_download_verifies_unpacks_and_folder_finds_labels(tmp_path, archive):
@@ -160,11 +160,25 @@ def test_download_resumes_a_partial_file(tmp_path, archive):
     assert dest.read_bytes() == path.read_bytes()
 
 
-def test_checksum_mismatch_and_no_network_fail_clearly(tmp_path, archive):
+def test_download_verifies_a_published_md5(tmp_path, archive):
     path, _ = archive
-    with pytest.raises(InputError, match="checksum mismatch"):
-        download(path.as_uri(), tmp_path / "x.tar", "0" * 64)
+    md5 = hashlib.md5(path.read_bytes()).hexdigest()
+    dest = download(path.as_uri(), tmp_path / "dl.tar", {"md5": md5.upper()})
+    assert dest.read_bytes() == path.read_bytes()
+
+
+def test_checksum_mismatch_and_no_network_fail_clearly(tmp_path, archive):
+    path, digest = archive
+    (tmp_path / "other.txt").write_text("kept")
+    with pytest.raises(InputError, match="checksum mismatch") as err:
+        download(path.as_uri(), tmp_path / "x.tar", {"md5": "0" * 32})
+    # both values named; the bad download kept aside, nothing else touched
+    assert "0" * 32 in str(err.value) and hashlib.md5(path.read_bytes()).hexdigest() in str(err.value)
     assert not (tmp_path / "x.tar").exists() and not (tmp_path / "x.tar.part").exists()
+    assert (tmp_path / "x.tar.mismatch").read_bytes() == path.read_bytes()
+    assert (tmp_path / "other.txt").read_text() == "kept"
+    with pytest.raises(ValueError, match="checksum must be"):
+        download(path.as_uri(), tmp_path / "z.tar", {"crc32": "0"})
     with pytest.raises(InputError, match="download failed"):
         download("http://127.0.0.1:9/none.tar", tmp_path / "y.tar", None)
 

@@ -189,20 +189,43 @@ def true_pair_field(fixed_affine, shape, moving_affine, fixed_forward, moving_in
 # Public data sets and folders of NIfTI files
 
 
-def sha256sum(path) -> str:
-    digest = hashlib.sha256()
+CHECKSUM_KINDS = ("md5", "sha256")
+
+
+def file_digest(path, kind: str = "sha256") -> str:
+    if kind not in CHECKSUM_KINDS:
+        raise ValueError(f"unknown checksum kind {kind!r}: expected one of {CHECKSUM_KINDS}")
+    digest = hashlib.new(kind)
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
 
 
-def download(url: str, dest, sha256: str | None, chunk: int = 1 << 20) -> Path:
-    """Download ``url`` to ``dest``, resuming a partial ``.part`` file, and verify its SHA-256.
-    A mismatch removes the download and raises; so does a missing network, with the URL named."""
+def sha256sum(path) -> str:
+    return file_digest(path, "sha256")
+
+
+def _checksum_spec(checksum) -> tuple[str, str] | None:
+    """``{'md5': hex}`` or ``{'sha256': hex}`` (the kind the publisher gives) -> (kind, hex)."""
+    if not checksum:
+        return None
+    if not isinstance(checksum, dict) or len(checksum) != 1 or next(iter(checksum)) not in CHECKSUM_KINDS:
+        raise ValueError(f"checksum must be one of {{md5: HEX}} or {{sha256: HEX}}, got {checksum!r}")
+    kind, value = next(iter(checksum.items()))
+    return kind, str(value).lower()
+
+
+def download(url: str, dest, checksum: dict | None, chunk: int = 1 << 20) -> Path:
+    """Download ``url`` to ``dest``, resuming a partial ``.part`` file, and verify it against
+    ``checksum`` (``{'md5': hex}`` or ``{'sha256': hex}``, as published). A mismatch stops with
+    both values; the bad download is kept beside ``dest`` as ``.mismatch`` for inspection and
+    nothing else is touched. Without a published checksum the SHA-256 is logged for pinning. A
+    missing network fails with the URL named."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    if dest.exists() and (sha256 is None or sha256sum(dest) == sha256):
+    spec = _checksum_spec(checksum)
+    if dest.exists() and (spec is None or file_digest(dest, spec[0]) == spec[1]):
         return dest
     part = dest.with_name(dest.name + ".part")
     offset = part.stat().st_size if part.exists() else 0
@@ -218,13 +241,18 @@ def download(url: str, dest, sha256: str | None, chunk: int = 1 << 20) -> Path:
                     fh.write(block)
     except (urllib.error.URLError, OSError) as exc:
         raise InputError(f"{url}: download failed ({exc}); check the network or place the file at {dest}") from None
-    if sha256 is not None:
-        got = sha256sum(part)
-        if got != sha256:
-            part.unlink()
-            raise InputError(f"{url}: checksum mismatch (expected sha256 {sha256}, got {got}); download removed")
+    if spec is not None:
+        kind, expected = spec
+        got = file_digest(part, kind)
+        if got != expected:
+            kept = dest.with_name(dest.name + ".mismatch")
+            part.replace(kept)
+            raise InputError(f"{url}: checksum mismatch: expected {kind} {expected}, got {kind} {got}; the download "
+                             f"is kept as {kept} (delete it to retry)")
+        log.info("%s: %s verified (%s)", url, kind, got)
     else:
-        log.warning("%s: no checksum configured; sha256 is %s (pin it in config)", url, sha256sum(part))
+        log.warning("%s: no published checksum; sha256 is %s (pin it in config as checksum: {sha256: ...})", url,
+                    sha256sum(part))
     part.replace(dest)
     return dest
 

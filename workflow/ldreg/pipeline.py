@@ -64,7 +64,7 @@ def make_synthetic(config: dict, out_dir, manifest, threads: int = 1) -> None:
 
 
 def fetch_dataset(spec: dict, resources_dir, done_flag) -> None:
-    archive = data_mod.download(spec["url"], Path(resources_dir) / spec["archive"], spec.get("sha256"))
+    archive = data_mod.download(spec["url"], Path(resources_dir) / spec["archive"], spec.get("checksum"))
     data_mod.unpack(archive, Path(resources_dir) / "unpacked")
     Path(done_flag).write_text(json.dumps({"url": spec["url"], "sha256": data_mod.sha256sum(archive)}) + "\n")
 
