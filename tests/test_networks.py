@@ -148,6 +148,29 @@ def test_adversarial_term_has_gradient_into_the_student():
     assert all(p.grad is not None for p in critic.parameters())
 
 
+def test_unit_rms_critic_cannot_ask_the_student_for_a_bigger_field():
+    from ldreg.losses import adversarial_loss
+
+    torch.manual_seed(0)
+    critic = Critic(width=4)
+    field = (torch.randn(1, 3, 16, 16, 16) * 2).requires_grad_(True)
+    adversarial_loss(critic, field, "unit_rms").backward()
+    grad = field.grad
+    # the gradient is orthogonal to the field: no push along it (bigger or smaller)
+    cosine = float((grad * field).sum() / (grad.norm() * field.norm()))
+    assert abs(cosine) < 1e-4 and grad.abs().sum() > 0
+    with torch.no_grad():  # the critic's score does not change with the field's scale
+        a = adversarial_loss(critic, field, "unit_rms")
+        b = adversarial_loss(critic, 5 * field, "unit_rms")
+        assert float(a) == pytest.approx(float(b), rel=1e-5)
+        assert float(adversarial_loss(critic, field)) != pytest.approx(float(adversarial_loss(critic, 5 * field)))
+    loss, _ = critic_loss(critic, torch.randn(1, 3, 16, 16, 16), field, beta=None, gp_weight=10.0,
+                          critic_input="unit_rms")
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match="critic input"):
+        adversarial_loss(critic, field, "other")
+
+
 def test_training_resumes_from_checkpoint(tmp_path):
     images, _, pairs = _shifted_pairs(shape=(16, 16, 16))
     spec = CascadeSpec(kind="student", width=4, depth=3, affine=False)

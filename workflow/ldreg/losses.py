@@ -78,17 +78,33 @@ def gradient_penalty(critic, teacher: torch.Tensor, student: torch.Tensor, beta:
     return ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
 
 
-def critic_loss(critic, teacher: torch.Tensor, student: torch.Tensor, beta: float | None, gp_weight: float):
+CRITIC_INPUTS = ("raw", "unit_rms")
+
+
+def critic_view(field: torch.Tensor, mode: str = "raw") -> torch.Tensor:
+    """What the critic sees of a field. 'raw': the field itself (the paper). 'unit_rms': each
+    field divided by its RMS, so that magnitude cannot be the critic's cue: the student's
+    adversarial gradient is then orthogonal to its field (it reshapes, never inflates, the field;
+    at full magnitude the critic's first lesson was "teacher fields are bigger")."""
+    if mode == "raw":
+        return field
+    if mode == "unit_rms":
+        return field / field.pow(2).mean(dim=(1, 2, 3, 4), keepdim=True).add(1e-6).sqrt()
+    raise ValueError(f"unknown critic input {mode!r}: expected one of {CRITIC_INPUTS}")
+
+
+def critic_loss(critic, teacher: torch.Tensor, student: torch.Tensor, beta: float | None, gp_weight: float,
+                critic_input: str = "raw"):
     """``D(student) - D(teacher) + lambda * GP``: minimised, it scores teacher fields high."""
     check_field_batch("teacher field", teacher)
     check_field_batch("student field", student, teacher.shape[2:])
-    student = student.detach()
-    teacher = teacher.to(student.dtype)
+    student = critic_view(student.detach(), critic_input)
+    teacher = critic_view(teacher.to(student.dtype), critic_input)
     wasserstein = critic(student).mean() - critic(teacher).mean()
     return wasserstein + gp_weight * gradient_penalty(critic, teacher, student, beta), wasserstein
 
 
-def adversarial_loss(critic, student: torch.Tensor) -> torch.Tensor:
+def adversarial_loss(critic, student: torch.Tensor, critic_input: str = "raw") -> torch.Tensor:
     """The student's side of the game: ``-D(student)``, with its gradient flowing into the
     student (the defect of the authors' release, where this term had none, is not repeated)."""
-    return -critic(student).mean()
+    return -critic(critic_view(student, critic_input)).mean()

@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from .io import InputError, atomic_path, write_csv
-from .losses import (adversarial_loss, affine_losses, critic_loss, distillation_loss, similarity_loss,
+from .losses import (CRITIC_INPUTS, adversarial_loss, affine_losses, critic_loss, distillation_loss, similarity_loss,
                      smoothness_loss)
 from .guard import DivergenceGuard, TrainingDiverged
 from .networks import CascadedRegistration, Critic
@@ -47,6 +47,7 @@ class TrainConfig:
     critic_steps: int = 1
     critic_lr: float = 1e-4
     critic_width: int = 8
+    critic_input: str = "raw"  # raw (the paper) | unit_rms (each field at unit RMS: magnitude is no cue)
     adversarial_ramp_steps: int = 0  # the adversarial weight grows linearly from 0 over these steps
     warmup_steps: int = 0  # learning rate grows linearly from 0 over these steps
     lr_schedule: str = "constant"  # constant | cosine (to lr_min_fraction * lr at the last step)
@@ -68,6 +69,8 @@ class TrainConfig:
         cfg = cls(**d)
         if cfg.on_exhausted not in ("stop", "last_good"):
             raise ValueError(f"on_exhausted must be 'stop' or 'last_good', got {cfg.on_exhausted!r}")
+        if cfg.critic_input not in CRITIC_INPUTS:
+            raise ValueError(f"critic_input must be one of {CRITIC_INPUTS}, got {cfg.critic_input!r}")
         if cfg.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {cfg.lr_schedule!r}")
         return cfg
@@ -165,7 +168,7 @@ def _loss_terms(model, out, moving, fixed, cfg: TrainConfig, teacher_flow=None, 
         total = total + cfg.distillation_weight * terms["distillation"]
     if cfg.adversarial:
         # ALDK: gamma * (1 - CorrCoef) + (1 - gamma) * adversarial
-        terms["adversarial"] = adversarial_loss(critic, out["flow"])
+        terms["adversarial"] = adversarial_loss(critic, out["flow"], cfg.critic_input)
         total = (total + cfg.gamma * terms["similarity"]
                  + adv_scale * cfg.adversarial_weight * (1 - cfg.gamma) * terms["adversarial"])
     else:
@@ -272,7 +275,8 @@ def train(model: CascadedRegistration, pairs: pd.DataFrame, images: dict, cfg: T
             with torch.no_grad():
                 student_flow = model(moving, fixed)["flow"]
             for _ in range(cfg.critic_steps):
-                d_loss, wasserstein = critic_loss(critic, teacher_flow, student_flow, cfg.beta, cfg.gp_weight)
+                d_loss, wasserstein = critic_loss(critic, teacher_flow, student_flow, cfg.beta, cfg.gp_weight,
+                                                      cfg.critic_input)
                 critic_opt.zero_grad(set_to_none=True)
                 d_loss.backward()
                 critic_opt.step()
