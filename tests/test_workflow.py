@@ -118,6 +118,20 @@ def test_every_table_and_figure_exists_with_sane_values(tiny_run):
     assert (tiny_run / "benchmarks" / "train_teacher.tsv").exists()
 
 
+def test_snakemake_report_carries_every_table_and_figure(tiny_run):
+    import zipfile
+
+    work = tiny_run.parent
+    _run(["--cores", "1", "--configfile", str(TINY), "--config", f"results_dir={work}/results",
+          f"resources_dir={work}/resources", "--report", str(work / "report.zip")], cwd=work, timeout=300)
+    names = {Path(n).name for n in zipfile.ZipFile(work / "report.zip").namelist()}
+    tables = {f"{t}.{ext}" for t in ("accuracy", "ablation", "speed", "speed_profile", "speed_machine")
+              for ext in ("csv", "md")}
+    figures = {f"{f}.png" for f in ("qualitative", "dice_boxplot", "accuracy_vs_time", "training_curves",
+                                    "learning_curves")}
+    assert tables | figures <= names, sorted((tables | figures) - names)
+
+
 def test_speed_profile_covers_every_native_configuration_and_guards_accuracy(tiny_run):
     from ldreg.engines import native_engines
 

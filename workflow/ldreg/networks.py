@@ -137,6 +137,9 @@ class CascadeSpec:
     affine: bool = True
     affine_width: int = 16
     half_res_flow: bool = False  # student: predict the field at half resolution, upsample it
+    # the flow conv's output multiplied by this: under Adam (steps of about lr whatever the
+    # gradient) it sets how fast the field can grow, as VTN's flow multiplier does
+    flow_scale: float = 1.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -177,7 +180,7 @@ def make_stage(spec: "CascadeSpec") -> nn.Module:
     if spec.kind == "voxelmorph":
         return VoxelMorphStage(spec.width, spec.depth)
     enc, dec = dense_channels(spec.kind, spec.width, spec.depth)
-    return DenseNet(enc, dec, half_res_flow=spec.half_res_flow)
+    return DenseNet(enc, dec, flow_scale=spec.flow_scale, half_res_flow=spec.half_res_flow)
 
 
 class CascadedRegistration(nn.Module):
