@@ -75,3 +75,26 @@ def test_refinement_works_on_inputs_made_under_inference_mode():
         m, f, start = moving.clone(), fixed.clone(), torch.zeros(1, 3, 24, 24, 24)
         field, record = optimise_field(m, f, start, steps=5)
     assert record["similarity_end"] < record["similarity_start"]
+
+
+def test_coarse_to_fine_steps_register_the_pair_too():
+    moving, fixed, moving_labels, fixed_labels = _pair()
+    field, record = optimise_field(moving, fixed, steps=15, lr=0.5, coarse_fraction=0.6)
+    assert field.shape == (1, 3, 24, 24, 24)
+    # similarity reported at full resolution at both ends, and it fell
+    assert float(local_ncc_loss(warp_image(moving, field), fixed)) == pytest.approx(record["similarity_end"], rel=1e-4)
+    assert record["similarity_start"] == pytest.approx(float(local_ncc_loss(moving, fixed)), rel=1e-4)
+    assert record["similarity_end"] < 0.8 * record["similarity_start"]
+    warped = warp_labels(torch.from_numpy(moving_labels)[None, None], field)[0, 0].numpy()
+    assert mean_dice(warped, fixed_labels) > mean_dice(moving_labels, fixed_labels) + 0.1
+    with pytest.raises(ValueError, match="coarse_fraction"):
+        optimise_field(moving, fixed, steps=2, coarse_fraction=1.5)
+
+
+def test_half_resolution_field_is_in_its_own_voxels():
+    from ldreg.optimise import _voxel_ratio
+
+    # a constant shift of 6 full-resolution voxels along the first axis of a 25-voxel grid is 3
+    # voxels of the 13-voxel half grid (end voxels coincide)
+    ratio = _voxel_ratio((13, 13, 13), (25, 25, 25), torch.zeros(1))
+    assert float(6 * ratio[0, 0, 0, 0, 0]) == pytest.approx(3.0)

@@ -100,7 +100,7 @@ def _register_args(p) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--refine-steps", type=int, default=0, metavar="K",
                    help="refine the network's field on the pair by K steps of per-pair optimisation (local NCC + "
-                        "smoothness, Adam on a half-resolution residual) before it is mapped back; 0: the network alone")
+                        "smoothness, Adam on a quarter-resolution residual) before it is mapped back; 0: the network alone")
     p.set_defaults(func=_cmd_register)
 
 

@@ -40,7 +40,7 @@ def flow_predictor(method: str, model_path=None, device: str = "cpu"):
 def refined_predictor(method: str, model_path, options: dict, device: str = "cpu"):
     """'optimise<K>': K steps of per-pair optimisation from a zero field; '<model>+refine<K>':
     the model's field refined by K steps (as ``register --refine-steps K``)."""
-    opts = {k: options[k] for k in ("lr", "smoothness_weight", "resolution")}
+    opts = {k: options[k] for k in ("lr", "smoothness_weight", "resolution", "coarse_fraction") if k in options}
     if method.startswith("optimise"):
         steps, start = int(method.removeprefix("optimise")), flow_predictor("identity")
     else:

@@ -21,22 +21,29 @@ log = logging.getLogger(__name__)
 
 
 def optimise_field(moving: torch.Tensor, fixed: torch.Tensor, start: torch.Tensor | None = None, steps: int = 20,
-                   lr: float = 0.5, similarity: str = "local_ncc", smoothness_weight: float = 1.0,
-                   resolution: float = 0.5, schedule: str = "constant") -> tuple[torch.Tensor, dict]:
+                   lr: float = 1.0, similarity: str = "local_ncc", smoothness_weight: float = 1.0,
+                   resolution: float = 0.25, schedule: str = "constant",
+                   coarse_fraction: float = 0.0) -> tuple[torch.Tensor, dict]:
     """Refine ``start`` (B, 3, D, H, W; zeros when None) on the pair by ``steps`` Adam steps on
     ``similarity + smoothness_weight * smoothness`` of ``start + upsample(residual)``, the
     residual living on a grid ``resolution`` times the image's. ``schedule`` 'cosine' decays
-    the rate to zero over the steps. Returns (field, {'similarity_start', 'similarity_end'});
-    zero steps return ``start`` itself, unchanged."""
+    the rate to zero over the steps. The defaults (lr 1, a quarter-resolution residual) are the
+    best measured on the default cohort (docs/experiments.md: 10 steps from zero, Dice 0.460
+    against 0.384 at lr 0.5 and half resolution). ``coarse_fraction`` of the steps (the first ones) run on
+    the images and field at half resolution, where a step costs about an eighth (coarse to
+    fine: the large displacements first). Returns (field, {'similarity_start',
+    'similarity_end'}, both at full resolution); zero steps return ``start`` itself."""
     check_volume_batch("moving", moving, channels=1)
     check_volume_batch("fixed", fixed, channels=1)
     shape = tuple(moving.shape[2:])
     if start is None:
         start = torch.zeros(moving.shape[0], 3, *shape, dtype=moving.dtype, device=moving.device)
     check_field_batch("start field", start, shape)
-    if steps < 0 or not 0 < resolution <= 1 or schedule not in ("constant", "cosine"):
-        raise ValueError(f"optimise_field: steps >= 0, 0 < resolution <= 1 and schedule constant|cosine needed; got "
-                         f"steps={steps}, resolution={resolution}, schedule={schedule!r}")
+    if (steps < 0 or not 0 < resolution <= 1 or schedule not in ("constant", "cosine")
+            or not 0 <= coarse_fraction <= 1):
+        raise ValueError(f"optimise_field: steps >= 0, 0 < resolution <= 1, schedule constant|cosine and "
+                         f"0 <= coarse_fraction <= 1 needed; got steps={steps}, resolution={resolution}, "
+                         f"schedule={schedule!r}, coarse_fraction={coarse_fraction}")
     if steps == 0:
         return start, {}
     # inputs made under inference mode (evaluation, register) cannot enter autograd: plain copies
@@ -44,21 +51,38 @@ def optimise_field(moving: torch.Tensor, fixed: torch.Tensor, start: torch.Tenso
         moving, fixed, start = moving.clone(), fixed.clone(), start.detach().clone()
     coarse = tuple(max(2, round(s * resolution)) for s in shape)
     record = {}
+    half = tuple(max(2, s // 2) for s in shape)
+    with torch.inference_mode(False):
+        if coarse_fraction > 0:  # the pair and the start field at half resolution
+            pool = lambda v: F.interpolate(v, size=half, mode="trilinear", align_corners=True)
+            moving_half, fixed_half = pool(moving), pool(fixed)
+            start_half = pool(start) * _voxel_ratio(half, shape, start)
+            with torch.no_grad():  # at full resolution, like the end (otherwise the first step's)
+                record["similarity_start"] = float(similarity_loss(similarity, warp_image(moving, start), fixed))
 
     def full_field():  # start + the residual brought to the image grid
         up = residual if coarse == shape else F.interpolate(residual, size=shape, mode="trilinear", align_corners=True)
         return start + up
 
+    def half_field():  # the same field on the half-resolution grid, in its voxels
+        up = F.interpolate(residual, size=half, mode="trilinear", align_corners=True)
+        return start_half + up * _voxel_ratio(half, shape, up)
+
+    coarse_steps = round(coarse_fraction * steps)
     with torch.inference_mode(False), torch.enable_grad():
         residual = torch.zeros(moving.shape[0], 3, *coarse, dtype=moving.dtype, device=moving.device,
                                requires_grad=True)
         optimiser = torch.optim.Adam([residual], lr=lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps) if schedule == "cosine" else None
         for i in range(steps):
-            field = full_field()
-            sim = similarity_loss(similarity, warp_image(moving, field), fixed)
+            if i < coarse_steps:
+                field = half_field()
+                sim = similarity_loss(similarity, warp_image(moving_half, field), fixed_half)
+            else:
+                field = full_field()
+                sim = similarity_loss(similarity, warp_image(moving, field), fixed)
             loss = sim + smoothness_weight * smoothness_loss(field)
-            if i == 0:
+            if i == 0 and not coarse_steps:
                 record["similarity_start"] = float(sim.detach())
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
@@ -69,3 +93,10 @@ def optimise_field(moving: torch.Tensor, fixed: torch.Tensor, start: torch.Tenso
         field = full_field()
         record["similarity_end"] = float(similarity_loss(similarity, warp_image(moving, field), fixed))
     return field.detach(), record
+
+
+def _voxel_ratio(target, source, like: torch.Tensor) -> torch.Tensor:
+    """Per-channel factor taking displacements in ``source``-grid voxels to ``target``-grid
+    voxels (align_corners: the end voxels coincide)."""
+    ratio = [(t - 1) / max(s - 1, 1) for t, s in zip(target, source)]
+    return torch.tensor(ratio, dtype=like.dtype, device=like.device).view(1, 3, 1, 1, 1)

@@ -1,7 +1,7 @@
 """Experiment: per-pair optimisation settings (ldreg.optimise.optimise_field) on the default
 run's test pairs: Dice, EPE, folding and seconds per pair for each setting, one change at a time.
 
-    python workflow/scripts/experiments/optimiser_sweep.py results results/experiments/optimiser_sweep.csv
+    python workflow/scripts/experiments/optimiser_sweep.py results results/experiments/optimiser_sweep.csv [base|coarse]
 
 Reads the default run's data (and, for the rows started from a model, its model files); writes
 one row per setting. Threads: torch's default (all cores). Not part of `all`: a research tool
@@ -28,15 +28,23 @@ SETTINGS = [  # (start model or None, steps, changes from BASE)
     ("teacher", 5, {}), ("teacher", 10, {}),
     ("student_unsupervised", 5, {}), ("student_unsupervised", 10, {}),
 ]
+# after the base set: lr 1 on a quarter-resolution residual, then coarse to fine on top of it
+BEST = {"lr": 1.0, "resolution": 0.25}
+COARSE = [
+    (None, 5, BEST), (None, 10, {**BEST, "resolution": 0.125}), (None, 20, {**BEST, "resolution": 0.125}),
+    (None, 20, {**BEST, "coarse_fraction": 0.5}), (None, 30, {**BEST, "coarse_fraction": 0.67}),
+    ("teacher", 5, BEST), ("teacher", 10, BEST),
+    ("student_unsupervised", 5, BEST), ("student_unsupervised", 10, BEST),
+]
 
 
-def main(results, out_csv):
+def main(results, out_csv, which="base"):
     results = Path(results)
     subjects = pd.read_csv(results / "data" / "subjects.csv")
     pairs = pd.read_csv(results / "data" / "pairs.csv")
     test = pairs[pairs.split == "test"]
     rows = []
-    for start_model, steps, change in SETTINGS:
+    for start_model, steps, change in {"base": SETTINGS, "coarse": COARSE}[which]:
         opts = {**BASE, **change}
         start = flow_predictor("identity") if start_model is None else flow_predictor(
             "model", results / "models" / f"{start_model}.pt")
@@ -56,4 +64,4 @@ def main(results, out_csv):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:4])
