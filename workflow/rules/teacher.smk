@@ -33,8 +33,9 @@ rule cache_teacher_flows:
     output:
         flows=f"{RESULTS}/cache/teacher_flows.pt",
     params:
-        # a changed refinement rebuilds the targets (--rerun-triggers params)
-        refine=config["teacher_cache"]["refine"],
+        # a changed refinement rebuilds the targets (--rerun-triggers params); without refinement
+        # its other options do not matter and do not trigger a rebuild
+        refine=config["teacher_cache"]["refine"] if config["teacher_cache"]["refine"]["steps"] else {"steps": 0},
     log:
         f"{RESULTS}/logs/cache_teacher_flows.log",
     benchmark:
