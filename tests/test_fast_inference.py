@@ -8,7 +8,7 @@ from nibabel.processing import resample_from_to
 
 from conftest import blob_volume
 from ldreg.data import Preprocessing, percentiles, resample_to_grid
-from ldreg.io import save_volume
+from ldreg.io import field_to_itk_array, save_volume
 from ldreg.modelfile import save_model
 from ldreg.networks import (CascadeSpec, affine_field, build_network, compose_after_affine, prepare_for_inference)
 from ldreg.register import Registrar, write_outputs
@@ -137,8 +137,10 @@ def test_on_grid_shortcut_gives_what_the_general_path_gives(tmp_path):
     assert (np.flip(general["warped_labels"], 0) != fast["warped_labels"]).mean() < 0.001
     assert fast["warped_labels"].dtype == np.int16  # the label file's own type
     write_outputs(fast, tmp_path / "w.nii", tmp_path / "f.nii.gz", tmp_path / "l.nii")
-    written = nib.load(tmp_path / "f.nii.gz")
-    np.testing.assert_allclose(np.asarray(written.dataobj), np.moveaxis(fast["field"], 0, -1))
+    written = nib.load(tmp_path / "f.nii.gz")  # for ITK-based tools: mm, LPS, (D, H, W, 1, 3)
+    np.testing.assert_allclose(np.asarray(written.dataobj), field_to_itk_array(fast["field"], affine), rtol=1e-6)
+    write_outputs(fast, tmp_path / "w.nii", tmp_path / "fv.nii.gz", field_in_fixed_voxels=True)
+    np.testing.assert_allclose(np.asarray(nib.load(tmp_path / "fv.nii.gz").dataobj), np.moveaxis(fast["field"], 0, -1))
     np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "l.nii").dataobj), fast["warped_labels"])
 
 
