@@ -266,7 +266,19 @@ def tables(config, eval_csvs: dict, timing_csvs: dict, model_paths: dict, out_di
     out_dir = Path(out_dir)
     write_table(accuracy.assign(seed=config["seed"]), out_dir / "accuracy")
     write_table(speed_table(speed), out_dir / "speed")
-    write_table(ablation_table(accuracy, config["students"]["variants"], evals), out_dir / "ablation")
+    write_table(ablation_table(accuracy, resolved_variants(config), evals), out_dir / "ablation")
+
+
+def resolved_variants(config: dict) -> dict:
+    """Each switched-on student variant's network and training settings as trained: the
+    variant's own over the students' defaults over the code's defaults."""
+    out = {}
+    for name, own in config["students"]["variants"].items():
+        if own is None:
+            continue
+        spec, train_cfg = student_settings(config, name)
+        out[name] = {**spec.to_dict(), **TrainConfig.from_dict({"seed": config["seed"], **train_cfg}).__dict__}
+    return out
 
 
 def figures(config, eval_csvs: dict, accuracy_csv, loss_csvs: dict, model_paths: dict, subjects_csv, pairs_csv, out_dir,
