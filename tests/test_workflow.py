@@ -239,7 +239,8 @@ def _slurm_cluster() -> str | None:
 
     if not SLURM_PLUGIN:
         return "snakemake-executor-plugin-slurm not installed ([slurm] extra)"
-    if not all(shutil.which(t) for t in ("slurmctld", "slurmd", "munged", "sbatch", "squeue")):
+    path = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"  # the daemons live in sbin
+    if not all(shutil.which(t, path=path) for t in ("slurmctld", "slurmd", "munged", "sbatch", "squeue")):
         return "SLURM not installed (Debian: slurmctld slurmd slurm-client munge; .ci/run installs them)"
     if os.geteuid() != 0:
         return "starting a SLURM cluster needs root"
