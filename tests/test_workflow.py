@@ -198,6 +198,9 @@ def test_a_timed_out_workflow_leaves_no_process_and_names_the_running_rule(tmp_p
     ("teacher: {cascades: 0}\n", "0 is less than the minimum of 1"),
     ("unknown_key: 1\n", "'unknown_key' was unexpected"),
     ("pairs: {train: many}\n", "'many' is not of type 'integer'"),
+    ("speed_profile: {models: [teacher], reference_model: student_unsupervised}\n",
+     "speed_profile.reference_model 'student_unsupervised' must be one of"),
+    ("evaluation: {refine: {models: [student_nonexistent]}}\n", "does not train"),
 ])
 def test_config_errors_are_reported_at_start(tmp_path, text, message):
     bad = tmp_path / "bad.yaml"
