@@ -229,6 +229,8 @@ def test_slurm_profile_dry_run(tmp_path):
 # The shipped profile, with what a one-node, 2-CPU, GPU-less test cluster cannot give overridden
 SLURM_TEST_OVERRIDES = [
     "--cores", "2", "--jobs", "2", "--latency-wait", "5",
+    # a one-node test cluster answers at once: the first status check after 1 s, not 40
+    "--slurm-init-seconds-before-status-checks", "1",
     "--set-resources", *[f"{rule}:{k}={v}" for rule in ("train_teacher", "cache_teacher_flows", "train_student")
                          for k, v in (("slurm_partition", "cpu"), ("gpu", 0), ("mem_mb", 4000))],
     "time_cpu:mem_mb=4000",
@@ -252,6 +254,7 @@ def _slurm_cluster() -> str | None:
     return None if proc.returncode == 0 else f"the test cluster did not start: {proc.stderr[-2000:]}"
 
 
+@pytest.mark.slurm_cluster
 def test_slurm_profile_runs_the_tiny_config_for_real(tmp_path):
     """Every job of the tiny DAG submitted with sbatch, run on the node and its outputs handed
     back (training cut to a few steps: what the models learn is the local tiny run's business)."""
