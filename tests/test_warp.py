@@ -67,3 +67,17 @@ def test_bad_field_shapes_and_dtypes_raise_value_error(bad):
 def test_field_on_another_grid_raises():
     with pytest.raises(ValueError, match="does not match"):
         warp_image(torch.zeros(1, 1, 8, 8, 8), torch.zeros(1, 3, 8, 8, 9))
+
+
+def test_axis_aligned_sampling_equals_grid_sample():
+    from ldreg.warp import identity_grid, sample_at, sample_axis_aligned
+
+    torch.manual_seed(0)
+    volume = torch.randn(3, 6, 7, 5)
+    shape = (13, 9, 11)
+    scale, offset = (0.45, 0.8, 0.5), (-0.7, 0.3, 0.2)  # some points fall outside: border clamping
+    points = identity_grid(shape) * torch.tensor(scale).view(3, 1, 1, 1) + torch.tensor(offset).view(3, 1, 1, 1)
+    expected = sample_at(volume, points, "bilinear")
+    got = sample_axis_aligned(volume, scale, offset, shape)
+    assert got.shape == (3, *shape)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

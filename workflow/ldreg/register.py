@@ -26,7 +26,7 @@ from .io import InputError, field_to_itk_array, field_to_voxel_array, load_volum
 from .modelfile import load_model
 from .networks import prepare_for_inference
 from .optimise import optimise_field
-from .warp import identity_grid, label_sampling_dtype, sample_at, warp_image, warp_labels
+from .warp import identity_grid, label_sampling_dtype, sample_at, sample_axis_aligned, warp_image, warp_labels
 
 
 @dataclass
@@ -43,6 +43,10 @@ class Prepared:
 
 def _is_identity(matrix: np.ndarray) -> bool:
     return np.allclose(matrix, np.eye(4), atol=1e-5)
+
+
+def _is_diagonal(matrix: np.ndarray) -> bool:
+    return np.allclose(matrix - np.diag(np.diag(matrix)), 0, atol=1e-6)
 
 
 def _apply(matrix: np.ndarray, points: torch.Tensor) -> torch.Tensor:
@@ -110,7 +114,11 @@ class Registrar:
         else:
             grid = identity_grid(fixed_shape)
             x_pre = _apply(fixed_to_pre, grid)
-            target = x_pre + sample_at(flow, x_pre, "bilinear")  # moving preprocessed voxel
+            if _is_diagonal(fixed_to_pre[:3, :3]):  # the common case: the same axes, rescaled
+                flow_at = sample_axis_aligned(flow, np.diag(fixed_to_pre), fixed_to_pre[:3, 3], fixed_shape)
+            else:
+                flow_at = sample_at(flow, x_pre, "bilinear")
+            target = x_pre + flow_at  # moving preprocessed voxel
             moving_vox = _apply(pre_to_moving, target)
             field = _apply(pre_to_fixed, target) - grid
             warped = sample_at(torch.from_numpy(moving.raw)[None], moving_vox, "bilinear")[0]

@@ -59,6 +59,34 @@ def sample_at(volume: torch.Tensor, coords: torch.Tensor, mode: str) -> torch.Te
     return grid_sample_threaded(volume[None], grid.to(volume.dtype), mode, "border")[0]
 
 
+def _linear_weights(coords: torch.Tensor, size: int) -> torch.Tensor:
+    """(len(coords), size) matrix of 1D linear interpolation at ``coords`` (voxels), clamped to
+    the border like grid_sample's border padding with align_corners."""
+    c = coords.clamp(0, size - 1)
+    lo = c.floor().long().clamp(max=max(size - 2, 0))
+    frac = (c - lo).unsqueeze(1)
+    weights = torch.zeros(len(coords), size, dtype=coords.dtype)
+    rows = torch.arange(len(coords))
+    weights[rows, lo] = 1 - frac[:, 0]
+    if size > 1:
+        weights[rows, lo + 1] += frac[:, 0]
+    return weights
+
+
+def sample_axis_aligned(volume: torch.Tensor, scale, offset, shape) -> torch.Tensor:
+    """``volume`` (C, d, h, w) sampled trilinearly (border clamping) at the points
+    ``scale * y + offset`` of a grid of ``shape``, each axis of the output mapping to the same
+    axis of the volume: what :func:`sample_at` gives for such a map, as three small matrix
+    products instead of millions of scattered reads (a 3-channel 48x64x48 field to a 154x188x154
+    grid: 0.46 s with grid_sample on 2 threads, a few hundredths of that this way)."""
+    out = volume
+    for axis, (n, a, b) in enumerate(zip(shape, scale, offset)):
+        coords = a * torch.arange(n, dtype=volume.dtype) + b
+        w = _linear_weights(coords, volume.shape[1 + axis]).to(volume.dtype)
+        out = torch.movedim(torch.tensordot(out, w, dims=([1 + axis], [1])), -1, 1 + axis)
+    return out.contiguous()
+
+
 def label_sampling_dtype(labels: torch.Tensor) -> torch.dtype:
     """float32 holds integer labels exactly below 2^24 (and samples faster); float64 beyond."""
     return torch.float32 if labels.numel() == 0 or labels.abs().max() < 2**24 else torch.float64
