@@ -98,3 +98,19 @@ def test_half_resolution_field_is_in_its_own_voxels():
     # voxels of the 13-voxel half grid (end voxels coincide)
     ratio = _voxel_ratio((13, 13, 13), (25, 25, 25), torch.zeros(1))
     assert float(6 * ratio[0, 0, 0, 0, 0]) == pytest.approx(3.0)
+
+
+def test_the_written_out_adam_matches_torch_adam():
+    from ldreg.optimise import _Adam
+
+    torch.manual_seed(0)
+    target = torch.randn(50)
+    ours, theirs = torch.zeros(50), torch.zeros(50, requires_grad=True)
+    adam, reference = _Adam(ours), torch.optim.Adam([theirs], lr=0.3)
+    for _ in range(20):
+        adam.step(2 * (ours - target) + torch.sin(ours), 0.3)
+        reference.zero_grad()
+        loss = ((theirs - target) ** 2).sum() - torch.cos(theirs).sum()
+        loss.backward()
+        reference.step()
+    torch.testing.assert_close(ours, theirs.detach(), rtol=1e-5, atol=1e-6)

@@ -9,6 +9,7 @@ table's ``optimise<K>`` / ``<model>+refine<K>`` rows. One function for every cal
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 import torch.nn.functional as F
@@ -72,8 +73,7 @@ def optimise_field(moving: torch.Tensor, fixed: torch.Tensor, start: torch.Tenso
     with torch.inference_mode(False), torch.enable_grad():
         residual = torch.zeros(moving.shape[0], 3, *coarse, dtype=moving.dtype, device=moving.device,
                                requires_grad=True)
-        optimiser = torch.optim.Adam([residual], lr=lr)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps) if schedule == "cosine" else None
+        adam = _Adam(residual)
         for i in range(steps):
             if i < coarse_steps:
                 field = half_field()
@@ -84,11 +84,9 @@ def optimise_field(moving: torch.Tensor, fixed: torch.Tensor, start: torch.Tenso
             loss = sim + smoothness_weight * smoothness_loss(field)
             if i == 0 and not coarse_steps:
                 record["similarity_start"] = float(sim.detach())
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            if sched is not None:
-                sched.step()
+            (grad,) = torch.autograd.grad(loss, residual)
+            rate = lr * (0.5 * (1 + math.cos(math.pi * i / steps)) if schedule == "cosine" else 1.0)
+            adam.step(grad, rate)
     with torch.inference_mode(False), torch.no_grad():
         field = full_field()
         record["similarity_end"] = float(similarity_loss(similarity, warp_image(moving, field), fixed))
@@ -100,3 +98,23 @@ def _voxel_ratio(target, source, like: torch.Tensor) -> torch.Tensor:
     voxels (align_corners: the end voxels coincide)."""
     ratio = [(t - 1) / max(s - 1, 1) for t, s in zip(target, source)]
     return torch.tensor(ratio, dtype=like.dtype, device=like.device).view(1, 3, 1, 1, 1)
+
+
+class _Adam:
+    """Adam (Kingma & Ba; torch.optim.Adam's defaults: betas 0.9/0.999, eps 1e-8) on one tensor.
+    Written out because constructing torch.optim.Adam in a fresh process costs ~1.4 s of lazy
+    imports, more than the five refinement steps `register --refine-steps 5` runs; the update is
+    the same (tests/test_optimise.py compares them)."""
+
+    def __init__(self, param: torch.Tensor, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.param, self.betas, self.eps, self.t = param, betas, eps, 0
+        self.m, self.v = torch.zeros_like(param), torch.zeros_like(param)
+
+    @torch.no_grad()
+    def step(self, grad: torch.Tensor, lr: float) -> None:
+        b1, b2 = self.betas
+        self.t += 1
+        self.m.mul_(b1).add_(grad, alpha=1 - b1)
+        self.v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        denom = (self.v / (1 - b2**self.t)).sqrt_().add_(self.eps)
+        self.param.addcdiv_(self.m, denom, value=-lr / (1 - b1**self.t))
