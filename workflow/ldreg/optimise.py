@@ -57,7 +57,8 @@ def optimise_field(moving: torch.Tensor, fixed: torch.Tensor, start: torch.Tenso
         if coarse_fraction > 0:  # the pair and the start field at half resolution
             pool = lambda v: F.interpolate(v, size=half, mode="trilinear", align_corners=True)
             moving_half, fixed_half = pool(moving), pool(fixed)
-            start_half = pool(start) * _voxel_ratio(half, shape, start)
+            to_half = _voxel_ratio(half, shape, start)
+            start_half = pool(start) * to_half
             with torch.no_grad():  # at full resolution, like the end (otherwise the first step's)
                 record["similarity_start"] = float(similarity_loss(similarity, warp_image(moving, start), fixed))
 
@@ -67,7 +68,7 @@ def optimise_field(moving: torch.Tensor, fixed: torch.Tensor, start: torch.Tenso
 
     def half_field():  # the same field on the half-resolution grid, in its voxels
         up = F.interpolate(residual, size=half, mode="trilinear", align_corners=True)
-        return start_half + up * _voxel_ratio(half, shape, up)
+        return start_half + up * to_half
 
     coarse_steps = round(coarse_fraction * steps)
     with torch.inference_mode(False), torch.enable_grad():

@@ -15,6 +15,7 @@ import torch
 
 from . import data as data_mod
 from . import peers
+from .config_checks import speed_profile_problems
 from .engines import cpu_summary
 from .evaluate import evaluate_pairs, flow_predictor, refined_predictor, validator
 from .io import InputError, write_csv
@@ -335,13 +336,9 @@ def speed_profile(config, model_paths: dict, subjects_csv, pairs_csv, profile_cs
     from .speed_profile import speed_profile as profile
 
     sp = config["speed_profile"]
-    for name in sp["models"]:
-        if name not in model_paths:
-            raise ValueError(f"speed_profile.models: {name!r} is not a model of this run ({sorted(model_paths)})")
-    if sp["baseline_model"] not in sp["models"] or sp["reference_engine"] not in sp["engines"]:
-        raise ValueError("speed_profile: baseline_model must be in models and reference_engine in engines")
-    if sp.get("reference_model") and sp["reference_model"] not in sp["models"]:
-        raise ValueError(f"speed_profile.reference_model {sp['reference_model']!r} must be one of models {sp['models']}")
+    problems = speed_profile_problems(sp, list(model_paths))
+    if problems:
+        raise ValueError("; ".join(problems))
     pairs = pd.read_csv(pairs_csv)
     counts = sorted({usable_threads(n) for n in sp["threads"]})
     grids = [tuple(config["preprocessing"]["grid"])] + [tuple(g) for g in sp["extra_grids"]]

@@ -7,8 +7,9 @@ preprocess each image), ``predict`` (the network's composed field on the preproc
 warped) and :func:`write_outputs`. In memory the field is (3, D, H, W) in voxels of the fixed
 image: fixed voxel ``y`` corresponds to the moving image's point at fixed-voxel coordinates
 ``y + u(y)``. It is written as ITK-based tools read a displacement field (physical mm, LPS
-axes, 5D vector NIfTI: :func:`ldreg.io.field_to_itk_array`), or on request in fixed voxels. Where an image already lies on the model's grid (the common case for
-preprocessed data) the maps between grids are identities and are skipped.
+axes, 5D vector NIfTI: :func:`ldreg.io.field_to_itk_array`), or on request in fixed voxels.
+Where an image already lies on the model's grid (the common case for preprocessed data) the
+maps between grids are identities and are skipped.
 """
 from __future__ import annotations
 

@@ -90,13 +90,13 @@ def paired_test(evals: pd.DataFrame, method: str, against: str, metric: str = "d
 
 def ablation_table(accuracy: pd.DataFrame, variants: dict, evals: pd.DataFrame | None = None,
                    baseline: str = "unsupervised") -> pd.DataFrame:
-    """The students side by side with what each variant switches on and, where per-pair results
-    are given, a paired test of each against the ``baseline`` variant on the same test pairs."""
+    """The students side by side with what each variant switches on (``variants``: each one's
+    network and training settings as trained, ``pipeline.resolved_variants``) and, where per-pair
+    results are given, a paired test of each against the ``baseline`` variant on the same test pairs."""
     rows = []
     for name, v in variants.items():
         if v is None:
             continue
-        v = {**v, **v.get("train", {})}
         method = f"student_{name}"
         acc = accuracy[accuracy.method == method]
         if acc.empty:

@@ -64,12 +64,12 @@ def _linear_weights(coords: torch.Tensor, size: int) -> torch.Tensor:
     the border like grid_sample's border padding with align_corners."""
     c = coords.clamp(0, size - 1)
     lo = c.floor().long().clamp(max=max(size - 2, 0))
-    frac = (c - lo).unsqueeze(1)
+    frac = c - lo
     weights = torch.zeros(len(coords), size, dtype=coords.dtype)
     rows = torch.arange(len(coords))
-    weights[rows, lo] = 1 - frac[:, 0]
+    weights[rows, lo] = 1 - frac
     if size > 1:
-        weights[rows, lo + 1] += frac[:, 0]
+        weights[rows, lo + 1] += frac
     return weights
 
 
@@ -82,7 +82,7 @@ def sample_axis_aligned(volume: torch.Tensor, scale, offset, shape) -> torch.Ten
     out = volume
     for axis, (n, a, b) in enumerate(zip(shape, scale, offset)):
         coords = a * torch.arange(n, dtype=volume.dtype) + b
-        w = _linear_weights(coords, volume.shape[1 + axis]).to(volume.dtype)
+        w = _linear_weights(coords, volume.shape[1 + axis])
         out = torch.movedim(torch.tensordot(out, w, dims=([1 + axis], [1])), -1, 1 + axis)
     return out.contiguous()
 

@@ -1,5 +1,7 @@
 import re
 
+from ldreg.config_checks import config_problems
+
 # Names shared by every rule: the models, the evaluated methods and where their files lie.
 RESULTS = config["results_dir"]
 RESOURCES = config["resources_dir"]
@@ -60,16 +62,8 @@ def method_model(wildcards):
     return model_file("teacher" if method == "affine" else method)
 
 
-# cross-key checks the schema cannot express, so that a bad combination stops before any job runs
-def _check_config():
-    sp = config["speed_profile"]
-    if sp.get("reference_model") and sp["reference_model"] not in sp["models"]:
-        raise ValueError(f"config: speed_profile.reference_model {sp['reference_model']!r} must be one of "
-                         f"speed_profile.models {sp['models']}")
-    unknown = [m for m in list(sp["models"]) + list(REFINE["models"]) if m not in MODELS]
-    if unknown:
-        raise ValueError(f"config: speed_profile.models / evaluation.refine.models name {unknown}, which this "
-                         f"configuration does not train; trained models: {MODELS}")
-
-
-_check_config()
+# cross-key checks the schema cannot express (ldreg.config_checks, the same ones the jobs run),
+# so that a bad combination stops before any job runs
+_problems = config_problems(config, MODELS)
+if _problems:
+    raise ValueError("config: " + "; ".join(_problems))
