@@ -6,7 +6,9 @@ import torch
 from conftest import blob_volume
 from ldreg.losses import (affine_losses, correlation_loss, critic_loss, distillation_loss, local_ncc_loss,
                           smoothness_loss)
+from ldreg.data import Preprocessing
 from ldreg.metrics import mean_dice
+from ldreg.modelfile import load_model, save_model
 from ldreg.networks import CascadeSpec, Critic, affine_field, build_network, complexity, count_parameters
 from ldreg.guard import TrainingDiverged
 from ldreg.training import TrainConfig, train
@@ -19,6 +21,38 @@ def test_student_is_about_0_3_m_parameters_a_cascade_at_default_width():
     assert all(0.15e6 < p < 0.45e6 for p in per_cascade)
     info = complexity(model, (32, 32, 32))
     assert info["flops"] > 0 and info["parameters"] == sum(per_cascade)
+
+
+def test_coarse_flow_levels_give_a_full_size_smooth_field_for_fewer_flops():
+    x = torch.rand(1, 1, 32, 32, 32)
+    flops, fields = [], []
+    for level in (0, 1, 2):
+        torch.manual_seed(0)
+        model = build_network(CascadeSpec(kind="student", affine=False, flow_level=level, flow_scale=1e4))
+        flops.append(complexity(model, x.shape[2:])["flops"])
+        with torch.no_grad():
+            fields.append(model(x, torch.rand_like(x))["flow"])
+    assert all(f.shape == (1, 3, 32, 32, 32) for f in fields)
+    assert flops[0] > flops[1] > flops[2]
+    # upsampled from 8^3, the quarter-level field varies less from voxel to voxel than the full one
+    roughness = [float((f[..., 1:] - f[..., :-1]).abs().mean() / f.abs().mean()) for f in fields]
+    assert roughness[2] < roughness[0]
+    with pytest.raises(ValueError, match="flow_level"):
+        build_network(CascadeSpec(kind="student", depth=4, flow_level=4))
+
+
+def test_a_model_file_written_with_half_res_flow_still_loads(tmp_path):
+    # model files written when the option was the boolean half_res_flow
+    model = build_network(CascadeSpec(kind="student", width=4, depth=3, affine_width=4, flow_level=1))
+    save_model(tmp_path / "m.pt", model, Preprocessing(), {}, "old")
+    payload = torch.load(tmp_path / "m.pt", weights_only=True)
+    payload["spec"]["half_res_flow"] = bool(payload["spec"].pop("flow_level"))
+    torch.save(payload, tmp_path / "m.pt")
+    loaded, _, _ = load_model(tmp_path / "m.pt")
+    assert loaded.spec.flow_level == 1
+    x = torch.rand(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, x)["flow"], model.eval()(x, x)["flow"])
 
 
 def test_networks_start_at_identity():

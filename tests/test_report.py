@@ -27,6 +27,9 @@ def test_paired_test_finds_a_consistent_gain_and_not_noise():
 def test_methods_below_no_registration_or_folding_are_flagged():
     assert registration_flag(0.30, 0.20, 0.01) == ""
     assert "below no registration" in registration_flag(0.10, 0.20, 0.0)
+    # a model that stayed at the zero field is flagged too, though not strictly below
+    assert "no better than no registration" in registration_flag(0.2001, 0.20, 0.0)
+    assert registration_flag(0.21, 0.20, 0.0) == ""
     assert "folding 5.00 % > 1 %" in registration_flag(0.30, 0.20, 5.0)
     evals = pd.DataFrame([{"method": m, "pair_id": "p", "dice": d, "folding_fraction": f, "sdlogj": 0.1}
                           for m, d, f in [("identity", 0.2, 0), ("good", 0.3, 0), ("broken", 0.0, 0.06)]])

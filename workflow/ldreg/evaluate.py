@@ -128,6 +128,11 @@ def validator(subjects: pd.DataFrame, pairs: pd.DataFrame, spacing: float, devic
     return validate
 
 
+# a Dice gain over no registration smaller than this counts as none (a student whose kept state
+# was essentially the zero field scored identity + 0.0000 on the default run, unflagged)
+NO_GAIN_DICE = 0.005
+
+
 def registration_flag(dice: float, identity_dice: float, folding_percent: float) -> str:
     """Why a method does not register ('' when it does): below no registration in Dice, or
     folding beyond the bound. The accuracy table prints it; the speed profile's guard never
@@ -135,6 +140,9 @@ def registration_flag(dice: float, identity_dice: float, folding_percent: float)
     flags = []
     if dice == dice and identity_dice == identity_dice and dice < identity_dice:
         flags.append(f"below no registration (Dice {dice:.3f} < {identity_dice:.3f})")
+    elif dice == dice and identity_dice == identity_dice and dice < identity_dice + NO_GAIN_DICE:
+        # a model left at (or near) the zero field is no registration, not a result
+        flags.append(f"no better than no registration (Dice {dice:.3f}, gain < {NO_GAIN_DICE:g})")
     if folding_percent == folding_percent and folding_percent > FOLDING_BOUND_PERCENT:
         flags.append(f"folding {folding_percent:.2f} % > {FOLDING_BOUND_PERCENT:g} %")
     return "; ".join(flags)

@@ -8,7 +8,7 @@ import torch
 
 from .data import Preprocessing
 from .io import InputError, atomic_path
-from .networks import CascadedRegistration, CascadeSpec, build_network
+from .networks import CascadedRegistration, build_network
 
 FORMAT = "ldreg-model"
 VERSION = 1
@@ -46,7 +46,7 @@ def read_model_file(path) -> dict:
 def load_model(path, device: str = "cpu"):
     """Returns (network in eval mode, preprocessing, payload)."""
     payload = read_model_file(path)
-    model = build_network(CascadeSpec(**payload["spec"]))
+    model = build_network(payload["spec"])  # a dict: older spellings of options are mapped
     model.load_state_dict(payload["state_dict"])
     prep = payload["preprocessing"]
     prep = Preprocessing(spacing_mm=prep["spacing_mm"], grid=tuple(prep["grid"]), percentiles=tuple(prep["percentiles"]),

@@ -82,18 +82,21 @@ class DenseNet(nn.Module):
     concatenates the matching skip and convolves, ending in a 3-channel flow conv at full
     resolution whose weights start near zero (a near-identity initial field)."""
 
-    def __init__(self, enc_channels, dec_channels=None, flow_scale: float = 1.0, half_res_flow: bool = False):
+    def __init__(self, enc_channels, dec_channels=None, flow_scale: float = 1.0, flow_level: int = 0):
         super().__init__()
         enc_channels = list(enc_channels)
         self.depth = len(enc_channels)
         dec_channels = list(dec_channels or enc_channels[::-1])
         if len(dec_channels) != self.depth:
             raise ValueError(f"dec_channels needs {self.depth} entries, got {dec_channels}")
-        # half_res_flow: stop the decoder at half resolution and upsample the 3-channel field
-        # instead of features -- the full-resolution convolutions are most of the FLOPs
-        self.half_res_flow = half_res_flow
-        if half_res_flow:
-            dec_channels = dec_channels[:-1]
+        # flow_level k: stop the decoder at 1/2^k resolution and upsample the 3-channel field
+        # instead of features -- the fine convolutions are most of the FLOPs, and a coarse field
+        # is smooth by construction (the per-pair optimiser's best residual grid is a quarter)
+        if not 0 <= flow_level < self.depth:
+            raise ValueError(f"flow_level must be between 0 and {self.depth - 1}, got {flow_level}")
+        self.flow_level = flow_level
+        if flow_level:
+            dec_channels = dec_channels[:-flow_level]
         chans = [2] + enc_channels
         self.encoders = nn.ModuleList(_conv(chans[i], chans[i + 1], stride=2) for i in range(self.depth))
         # decoder level k upsamples to the resolution of encoder level depth-2-k (or the input)
@@ -121,7 +124,7 @@ class DenseNet(nn.Module):
             x = F.interpolate(x, size=skip.shape[2:], mode="trilinear", align_corners=False)
             x = dec(torch.cat([x, skip], 1))
         flow = self.flow(x).to(moving.dtype, memory_format=torch.contiguous_format) * self.flow_scale
-        if self.half_res_flow:  # the field is in full-resolution voxels already; only resample it
+        if self.flow_level:  # the field is in full-resolution voxels already; only resample it
             flow = F.interpolate(flow, size=moving.shape[2:], mode="trilinear", align_corners=False)
         return flow
 
@@ -136,7 +139,8 @@ class CascadeSpec:
     depth: int = 4
     affine: bool = True
     affine_width: int = 16
-    half_res_flow: bool = False  # student: predict the field at half resolution, upsample it
+    # the field predicted at 1/2^flow_level of the input resolution and upsampled (0: full)
+    flow_level: int = 0
     # the flow conv's output multiplied by this: under Adam (steps of about lr whatever the
     # gradient) it sets how fast the field can grow, as VTN's flow multiplier does
     flow_scale: float = 1.0
@@ -180,7 +184,7 @@ def make_stage(spec: "CascadeSpec") -> nn.Module:
     if spec.kind == "voxelmorph":
         return VoxelMorphStage(spec.width, spec.depth)
     enc, dec = dense_channels(spec.kind, spec.width, spec.depth)
-    return DenseNet(enc, dec, flow_scale=spec.flow_scale, half_res_flow=spec.half_res_flow)
+    return DenseNet(enc, dec, flow_scale=spec.flow_scale, flow_level=spec.flow_level)
 
 
 class CascadedRegistration(nn.Module):
@@ -271,6 +275,9 @@ def prepare_for_inference(model: CascadedRegistration, precision: str = "float32
 
 def build_network(spec: CascadeSpec | dict) -> CascadedRegistration:
     if isinstance(spec, dict):
+        spec = dict(spec)
+        if "half_res_flow" in spec:  # model files written before flow_level replaced it
+            spec["flow_level"] = int(spec.pop("half_res_flow"))
         spec = CascadeSpec(**spec)
     return CascadedRegistration(spec)
 

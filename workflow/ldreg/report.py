@@ -105,7 +105,7 @@ def ablation_table(accuracy: pd.DataFrame, variants: dict, evals: pd.DataFrame |
         row = {"variant": name, "cascades": v.get("cascades", 1), "distillation": v.get("distillation", "none"),
                "adversarial": bool(v.get("adversarial", False)), "gamma": v.get("gamma", np.nan) if v.get("adversarial") else np.nan,
                "adversarial_weight": v.get("adversarial_weight", np.nan) if v.get("adversarial") else np.nan,
-               "half_res_flow": bool(v.get("half_res_flow", False)), "parameters": a.parameters, "dice": a.dice,
+               "flow_level": int(v.get("flow_level", 0)), "parameters": a.parameters, "dice": a.dice,
                "dice_mean": a.dice_mean, "hd95_mm": a.hd95_mm, "folding_percent": a.folding_percent,
                "epe_mm": a.get("epe_mm", np.nan), "cpu_s_per_pair": a.cpu_s_per_pair, "flag": a.get("flag", "")}
         if evals is not None:
