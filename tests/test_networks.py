@@ -10,7 +10,7 @@ from ldreg.data import Preprocessing
 from ldreg.metrics import mean_dice
 from ldreg.modelfile import load_model, save_model
 from ldreg.networks import CascadeSpec, Critic, affine_field, build_network, complexity, count_parameters
-from ldreg.guard import TrainingDiverged
+from ldreg.guard import DivergenceGuard, TrainingDiverged
 from ldreg.training import TrainConfig, train
 from ldreg.warp import warp_image, warp_labels
 
@@ -308,3 +308,15 @@ def test_a_checkpoint_from_other_settings_is_not_resumed(tmp_path, caplog):
         _, losses, _, _ = train(build_network(spec), pairs, images, TrainConfig(steps=6, lr=5e-4, checkpoint_every=3),
                                 tmp_path / "k.ckpt", show_progress=False)
     assert "other training settings (lr)" in caplog.text and losses.step.iloc[0] == 1
+
+
+def test_guard_lets_a_young_critic_learn_but_catches_a_run_away():
+
+    guard = DivergenceGuard((32, 32, 32))
+    terms = {"similarity": 0.5, "loss": 0.5}
+    # a critic learning to separate teacher from student: 0.3 -> 4 within 30 steps
+    for step in range(60):
+        estimate = 0.3 + min(step, 30) * 0.12
+        assert guard.step(terms, field_rms=1.0, critic=-estimate) is None
+    # a trained critic's estimate jumping tenfold in one step is a run-away
+    assert "critic estimate ran away" in guard.step(terms, field_rms=1.0, critic=-60.0)

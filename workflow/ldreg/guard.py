@@ -28,6 +28,10 @@ class GuardLimits:
     field_floor: float = 0.1  # early growth from the identity is learning, not divergence, below this grid fraction
     field_fraction: float = 0.25  # field RMS above this fraction of the smallest grid side: absurd
     critic_factor: float = 10.0  # |critic estimate| above this x its recent median (and > 2): ran away
+    # the critic test waits for a full window: a young WGAN-GP critic's estimate rises from ~0.3 to
+    # 3-5 in its first 20-40 steps as it learns to tell teacher from student fields (measured with
+    # gradient penalty 10), which is learning, not a run-away
+    critic_warmup: int = 50
     folding_percent: float = FOLDING_BOUND_PERCENT  # validation folding above this: diverged
     dice_drop: float = 0.02  # validation Dice this far below no registration: diverged
 
@@ -67,7 +71,7 @@ class DivergenceGuard:
                 return f"field RMS blew up: {field_rms:.2f} voxels against a recent median of {median:.2f}"
         recent["field_rms"].append(field_rms)
         if critic is not None:
-            if len(recent["critic"]) >= lim.warmup:
+            if len(recent["critic"]) >= lim.critic_warmup:
                 median = statistics.median(abs(c) for c in recent["critic"])
                 if abs(critic) > max(lim.critic_factor * median, 2.0):
                     return f"critic estimate ran away: {critic:.2f} against a recent median magnitude of {median:.3f}"

@@ -167,9 +167,9 @@ def _loss_terms(model, out, moving, fixed, cfg: TrainConfig, teacher_flow=None, 
         terms["distillation"] = distillation_loss(out["flow"], teacher_flow, cfg.distillation)
         total = total + cfg.distillation_weight * terms["distillation"]
     if cfg.adversarial:
-        # ALDK: gamma * (1 - CorrCoef) + (1 - gamma) * adversarial
+        # ALDK: gamma * (1 - CorrCoef) + (1 - gamma) * adversarial (the paper: similarity_weight 1)
         terms["adversarial"] = adversarial_loss(critic, out["flow"], cfg.critic_input)
-        total = (total + cfg.gamma * terms["similarity"]
+        total = (total + cfg.similarity_weight * cfg.gamma * terms["similarity"]
                  + adv_scale * cfg.adversarial_weight * (1 - cfg.gamma) * terms["adversarial"])
     else:
         total = total + cfg.similarity_weight * terms["similarity"]
