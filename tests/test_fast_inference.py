@@ -82,7 +82,7 @@ def _strong_student(flow_level=0):
     model = build_network(CascadeSpec(kind="student", width=8, depth=3, affine=True, affine_width=4,
                                       flow_level=flow_level))
     for stage in model.stages:  # a field of a few voxels instead of the near-zero initial one
-        torch.nn.init.normal_(stage.flow.weight, std=0.5)
+        torch.nn.init.normal_(stage.flow.weight, std=1.0)
     return model.eval()
 
 

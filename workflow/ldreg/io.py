@@ -134,7 +134,8 @@ def field_to_itk_array(field, affine) -> np.ndarray:
     to_lps = torch.from_numpy((_RAS_TO_LPS[:, None] * np.asarray(affine, dtype=np.float64)[:3, :3]).T.astype(np.float32))
     field = torch.as_tensor(np.asarray(field, dtype=np.float32))
     shape = field.shape[1:]
-    mm_lps = field.reshape(3, -1).T @ to_lps  # (N, 3)
+    # (N, 3) rows: a view when the field's memory is channels-last (register's), else one copy
+    mm_lps = field.permute(1, 2, 3, 0).reshape(-1, 3) @ to_lps
     return mm_lps.reshape(*shape, 1, 3).numpy()
 
 

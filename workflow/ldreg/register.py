@@ -27,7 +27,8 @@ from .io import InputError, field_to_itk_array, field_to_voxel_array, load_volum
 from .modelfile import load_model
 from .networks import prepare_for_inference
 from .optimise import optimise_field
-from .warp import identity_grid, label_sampling_dtype, sample_at, sample_axis_aligned, warp_image, warp_labels
+from .warp import (affine_plus_linear, grid_sample_channels_last, identity_grid, label_sampling_dtype, normalising_map,
+                   sample_at, sample_axis_aligned, warp_image, warp_labels)
 
 
 @dataclass
@@ -113,24 +114,28 @@ class Registrar:
             warped_labels = None if labels is None else warp_labels(torch.from_numpy(labels)[None, None], flow[None])[0, 0]
             field = flow
         else:
-            grid = identity_grid(fixed_shape)
-            x_pre = _apply(fixed_to_pre, grid)
             if _is_diagonal(fixed_to_pre[:3, :3]):  # the common case: the same axes, rescaled
                 flow_at = sample_axis_aligned(flow, np.diag(fixed_to_pre), fixed_to_pre[:3, 3], fixed_shape)
             else:
-                flow_at = sample_at(flow, x_pre, "bilinear")
-            target = x_pre + flow_at  # moving preprocessed voxel
-            moving_vox = _apply(pre_to_moving, target)
-            field = _apply(pre_to_fixed, target) - grid
-            warped = sample_at(torch.from_numpy(moving.raw)[None], moving_vox, "bilinear")[0]
+                flow_at = sample_at(flow, _apply(fixed_to_pre, identity_grid(fixed_shape)), "bilinear")
+            flow_cl = flow_at.permute(1, 2, 3, 0).contiguous()  # a no-op for sample_axis_aligned's output
+            # fixed voxel y -> the moving preprocessed voxel fixed_to_pre(y) + u(y) -> the moving
+            # image's voxel (in grid_sample's units) and the fixed image's own voxel: both affine
+            # in y plus a 3x3 matrix times u(y), built in one pass each
+            to_grid = np.vstack([normalising_map(moving.raw.shape), [0, 0, 0, 1]]) @ pre_to_moving
+            sampling = affine_plus_linear((to_grid @ fixed_to_pre)[:3], to_grid[:3, :3], flow_cl)
+            to_fixed = (pre_to_fixed @ fixed_to_pre)[:3] - np.eye(4)[:3]
+            field = affine_plus_linear(to_fixed, pre_to_fixed[:3, :3], flow_cl).permute(3, 0, 1, 2)
+            warped = grid_sample_channels_last(torch.from_numpy(moving.raw)[None], sampling, "bilinear")[0]
             warped_labels = None
             if labels is not None:
                 labels_t = torch.from_numpy(labels)
                 dtype = label_sampling_dtype(labels_t)
-                warped_labels = sample_at(labels_t.to(dtype)[None], moving_vox.to(dtype), "nearest")[0].round()
+                warped_labels = grid_sample_channels_last(labels_t.to(dtype)[None], sampling, "nearest")[0].round()
         if warped_labels is not None:  # the label file's own integer type (float-stored labels: int32)
             stored = labels_img.get_data_dtype()
             warped_labels = warped_labels.numpy().astype(stored if np.issubdtype(stored, np.integer) else np.int32)
+        # the field may be a (3, D, H, W) view of channels-last memory: the layout the files want
         return {"warped": warped.numpy(), "field": field.numpy(), "warped_labels": warped_labels, "fixed_img": fixed.img}
 
     def register(self, moving_path, fixed_path, moving_labels_path=None) -> dict:

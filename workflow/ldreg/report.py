@@ -165,6 +165,9 @@ def accuracy_vs_time(accuracy: pd.DataFrame, path) -> None:
 def training_curves(logs: dict, path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for name, frame in logs.items():
+        if "loss" not in frame or not len(frame):  # kept at step 0: a run that never passed a check
+            axes[0].plot([], [], label=f"{name} (no step kept)")
+            continue
         smooth = frame["loss"].rolling(max(1, len(frame) // 20), min_periods=1).mean()
         axes[0].plot(frame.step, smooth, label=name)
         if "wasserstein" in frame:

@@ -16,7 +16,7 @@ rule train_student:
         f"{RESULTS}/logs/train_student_{{variant}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/train_student_{{variant}}.tsv"
-    threads: workflow.cores
+    threads: train_threads
     resources:
         mem_mb=4000,
         gpu=0,
@@ -41,7 +41,7 @@ rule train_voxelmorph:
         f"{RESULTS}/logs/train_voxelmorph.log",
     benchmark:
         f"{RESULTS}/benchmarks/train_voxelmorph.tsv"
-    threads: workflow.cores
+    threads: train_threads
     resources:
         mem_mb=4000,
         gpu=0,

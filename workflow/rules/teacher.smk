@@ -13,9 +13,10 @@ rule train_teacher:
         f"{RESULTS}/logs/train_teacher.log",
     benchmark:
         f"{RESULTS}/benchmarks/train_teacher.tsv"
-    # compute-bound: the job takes every core it is given (capped at the machine's), and jobs
-    # that would only fight over the same cores wait
-    threads: workflow.cores
+    threads: train_threads
+    # on the critical path (the cache and four students wait for it): started before the jobs
+    # that can run beside it
+    priority: 10
     resources:
         mem_mb=6000,
         gpu=0,
@@ -41,6 +42,9 @@ rule cache_teacher_flows:
     benchmark:
         f"{RESULTS}/benchmarks/cache_teacher_flows.tsv"
     threads: workflow.cores
+    # the distilling and adversarial students wait for it: before the evaluations that could
+    # otherwise keep taking the cores it needs
+    priority: 10
     resources:
         mem_mb=4000,
     conda:
