@@ -81,3 +81,27 @@ def test_axis_aligned_sampling_equals_grid_sample():
     got = sample_axis_aligned(volume, scale, offset, shape)
     assert got.shape == (3, *shape)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_one_pass_affine_sampling_grid_equals_sampling_at_mapped_points():
+    """register's warp: grid_sample's grid built as an affine map of the fixed voxel plus a 3x3
+    matrix times the field gives what sampling at the explicitly mapped points gives."""
+    import numpy as np
+    from ldreg.warp import (affine_plus_linear, grid_sample_channels_last, identity_grid, normalising_map,
+                            sample_at)
+
+    torch.manual_seed(0)
+    moving = torch.randn(1, 9, 8, 10)
+    shape = (12, 7, 11)
+    field = torch.randn(*shape, 3)  # channels-last, in some frame's voxels
+    to_moving = np.array([[0.6, 0.1, 0.0, 0.5], [0.0, 0.7, -0.1, 1.0], [0.05, 0.0, 0.8, -0.3]])
+    linear = np.array([[0.9, 0.0, 0.1], [0.0, 1.1, 0.0], [0.2, 0.0, 1.0]])
+    # explicit: the moving voxel of each fixed voxel y is to_moving(y) + linear @ field(y)
+    y = identity_grid(shape).permute(1, 2, 3, 0)
+    points = (y @ torch.tensor(to_moving[:, :3], dtype=torch.float32).T + torch.tensor(to_moving[:, 3], dtype=torch.float32)
+              + field @ torch.tensor(linear, dtype=torch.float32).T)
+    expected = sample_at(moving, points.permute(3, 0, 1, 2), "bilinear")
+    norm = np.vstack([normalising_map(moving.shape[1:]), [0, 0, 0, 1]])
+    grid = affine_plus_linear((norm @ np.vstack([to_moving, [0, 0, 0, 1]]))[:3], norm[:3, :3] @ linear, field)
+    got = grid_sample_channels_last(moving, grid, "bilinear")
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
