@@ -311,7 +311,6 @@ def test_a_checkpoint_from_other_settings_is_not_resumed(tmp_path, caplog):
 
 
 def test_guard_lets_a_young_critic_learn_but_catches_a_run_away():
-
     guard = DivergenceGuard((32, 32, 32))
     terms = {"similarity": 0.5, "loss": 0.5}
     # a critic learning to separate teacher from student: 0.3 -> 4 within 30 steps

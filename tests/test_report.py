@@ -41,7 +41,6 @@ def test_methods_below_no_registration_or_folding_are_flagged():
 def test_training_curves_draw_a_model_kept_at_step_0(tmp_path):
     """A variant whose every try diverged ends at step 0 with an empty loss log; the figure
     still draws (the default run's adversarial_only student did exactly this)."""
-    import pandas as pd
     from ldreg.report import training_curves
     good = pd.DataFrame({"step": [1, 2, 3], "loss": [0.9, 0.8, 0.7], "wasserstein": [0.1, 0.2, 0.3]})
     training_curves({"student_ok": good, "student_kept_at_0": pd.DataFrame({"seed": []})}, tmp_path / "c.png")

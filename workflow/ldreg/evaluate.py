@@ -138,11 +138,12 @@ def registration_flag(dice: float, identity_dice: float, folding_percent: float)
     folding beyond the bound. The accuracy table prints it; the speed profile's guard never
     takes a flagged model as its reference."""
     flags = []
-    if dice == dice and identity_dice == identity_dice and dice < identity_dice:
-        flags.append(f"below no registration (Dice {dice:.3f} < {identity_dice:.3f})")
-    elif dice == dice and identity_dice == identity_dice and dice < identity_dice + NO_GAIN_DICE:
-        # a model left at (or near) the zero field is no registration, not a result
-        flags.append(f"no better than no registration (Dice {dice:.3f}, gain < {NO_GAIN_DICE:g})")
+    if dice == dice and identity_dice == identity_dice:  # both known (not NaN)
+        if dice < identity_dice:
+            flags.append(f"below no registration (Dice {dice:.3f} < {identity_dice:.3f})")
+        elif dice < identity_dice + NO_GAIN_DICE:
+            # a model left at (or near) the zero field is no registration, not a result
+            flags.append(f"no better than no registration (Dice {dice:.3f}, gain < {NO_GAIN_DICE:g})")
     if folding_percent == folding_percent and folding_percent > FOLDING_BOUND_PERCENT:
         flags.append(f"folding {folding_percent:.2f} % > {FOLDING_BOUND_PERCENT:g} %")
     return "; ".join(flags)

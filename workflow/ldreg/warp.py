@@ -55,9 +55,9 @@ def _sample(image: torch.Tensor, field: torch.Tensor, mode: str) -> torch.Tensor
 def sample_at(volume: torch.Tensor, coords: torch.Tensor, mode: str) -> torch.Tensor:
     """Sample a (C, D, H, W) volume at voxel coordinates (3, d, h, w) of another grid, border
     clamping; (C, d, h, w)."""
-    size = torch.tensor(volume.shape[1:], dtype=coords.dtype, device=coords.device).view(3, 1, 1, 1)
-    grid = (2 * coords / (size - 1).clamp_min(1) - 1).flip(0).permute(1, 2, 3, 0)[None]
-    return grid_sample_threaded(volume[None], grid.to(volume.dtype), mode, "border")[0]
+    to_grid = torch.from_numpy(normalising_map(volume.shape[1:])).to(coords.dtype)
+    grid = coords.permute(1, 2, 3, 0) @ to_grid[:, :3].T + to_grid[:, 3]
+    return grid_sample_channels_last(volume, grid, mode)
 
 
 def _linear_weights(coords: torch.Tensor, size: int) -> torch.Tensor:
@@ -105,11 +105,10 @@ def affine_plus_linear(matrix: np.ndarray, linear: np.ndarray, field_cl: torch.T
     m = torch.from_numpy(np.asarray(matrix, dtype=np.float64)).to(dtype)
     shape = field_cl.shape[:3]
     out = (field_cl.reshape(-1, 3) @ torch.from_numpy(np.asarray(linear, dtype=np.float64)).to(dtype).T).view(*shape, 3)
-    out += m[:, 3]
-    for axis, n in enumerate(shape):
-        view = [1, 1, 1, 3]
-        view[axis] = n
-        out += (torch.arange(n, dtype=dtype)[:, None] * m[:, axis]).view(view)
+    axis = lambda k: torch.arange(shape[k], dtype=dtype)[:, None] * m[:, k]  # (n_k, 3)
+    # the first two axes and the offset summed on a small (D, H, 1, 3) array: two full-size passes
+    out += axis(0).view(-1, 1, 1, 3) + axis(1).view(1, -1, 1, 3) + m[:, 3]
+    out += axis(2).view(1, 1, -1, 3)
     return out
 
 
