@@ -5,7 +5,7 @@ import torch
 
 from conftest import blob_volume
 from ldreg.losses import (affine_losses, correlation_loss, critic_loss, distillation_loss, local_ncc_loss,
-                          smoothness_loss)
+                          smoothness_loss, with_condition)
 from ldreg.data import Preprocessing
 from ldreg.metrics import mean_dice
 from ldreg.modelfile import load_model, save_model
@@ -203,6 +203,68 @@ def test_unit_rms_critic_cannot_ask_the_student_for_a_bigger_field():
     assert torch.isfinite(loss)
     with pytest.raises(ValueError, match="critic input"):
         adversarial_loss(critic, field, "other")
+
+
+def test_pair_conditioned_critic_tells_a_field_that_fits_its_pair_from_one_that_does_not():
+    """Two pairs shifted +2 and -2 voxels along x; the teacher's fields are right for their pair,
+    the student's swapped. Both sets hold the same two fields, so a field-only critic cannot tell
+    them apart; a critic shown the pair can."""
+    torch.manual_seed(0)
+    blob = torch.from_numpy(blob_volume((16, 16, 16), centre=[8, 8, 8], radius=4)[0])[None, None]
+    pairs = []
+    for shift in (2.0, -2.0):
+        moved = torch.roll(blob, int(shift), dims=2)  # fixed(x) = moving(x + shift)
+        field = torch.zeros(1, 3, 16, 16, 16)
+        field[:, 2] = -shift
+        pairs.append((torch.cat([blob, moved], 1), field))
+    teacher = torch.cat([f for _, f in pairs])
+    student = torch.cat([pairs[1][1], pairs[0][1]])
+    condition = torch.cat([c for c, _ in pairs])
+    gaps = {}
+    for name, cond, channels in (("field only", None, 3), ("pair", condition, 5)):
+        critic = Critic(width=4, in_channels=channels)
+        opt = torch.optim.Adam(critic.parameters(), lr=2e-3, betas=(0.5, 0.9))
+        for _ in range(60):
+            loss, _ = critic_loss(critic, teacher, student, None, 10.0, condition=cond)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            gaps[name] = float(critic(with_condition(teacher, cond)).mean() - critic(with_condition(student, cond)).mean())
+    assert abs(gaps["field only"]) < 1e-4  # the same two fields: nothing to tell
+    assert gaps["pair"] > 0.5, gaps
+    with pytest.raises(ValueError, match="critic input"):
+        Critic(width=4, in_channels=5)(teacher)
+
+
+def test_spectrally_normalised_critic_has_unit_spectral_norm_layers():
+    torch.manual_seed(0)
+    critic = Critic(width=4, spectral_norm=True).train()
+    for _ in range(20):  # power iterations run in training mode
+        critic(torch.randn(1, 3, 16, 16, 16))
+    layers = [m for m in critic.modules() if isinstance(m, (torch.nn.Conv3d, torch.nn.Linear))]
+    assert len(layers) == 5
+    for layer in layers:
+        assert float(torch.linalg.matrix_norm(layer.weight.flatten(1), 2)) == pytest.approx(1.0, abs=0.05)
+    plain = Critic(width=4)
+    assert max(float(torch.linalg.matrix_norm(m.weight.flatten(1), 2)) for m in plain.modules()
+               if isinstance(m, torch.nn.Conv3d)) != pytest.approx(1.0, abs=0.05)
+
+
+def test_normalised_adversarial_term_is_the_raw_one_over_sqrt_field_elements(tmp_path):
+    images, _, pairs = _shifted_pairs(shape=(16, 16, 16))
+    teacher = {r.pair_id: torch.zeros(1, 3, 16, 16, 16) for r in pairs.itertuples()}
+    spec = CascadeSpec(kind="student", width=4, depth=3, affine=False)
+    terms = {}
+    for normalise in (False, True):
+        torch.manual_seed(0)
+        cfg = TrainConfig(steps=1, adversarial=True, adversarial_normalise=normalise, critic_width=4)
+        _, losses, _, _ = train(build_network(spec), pairs, images, cfg, tmp_path / f"{normalise}.ckpt",
+                                flow_cache=_Cache(teacher), show_progress=False)
+        terms[normalise] = float(losses.adversarial.iloc[0])
+    assert terms[True] == pytest.approx(terms[False] / (3 * 16**3) ** 0.5, rel=1e-4)
+    with pytest.raises(ValueError, match="critic_condition"):
+        TrainConfig.from_dict({"critic_condition": "images"})
 
 
 def test_training_resumes_from_checkpoint(tmp_path):

@@ -66,19 +66,30 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = 
     raise ValueError(f"unknown distillation loss {kind!r}: expected 'l2' or 'epe'")
 
 
-def gradient_penalty(critic, teacher: torch.Tensor, student: torch.Tensor, beta: float | None) -> torch.Tensor:
+def gradient_penalty(critic, teacher: torch.Tensor, student: torch.Tensor, beta: float | None,
+                     condition: torch.Tensor | None = None) -> torch.Tensor:
     """WGAN-GP penalty ``(||grad D(z)|| - 1)^2`` on ``z = beta*teacher + (1-beta)*student``;
-    ``beta=None`` draws it uniformly per sample (Gulrajani et al.)."""
+    ``beta=None`` draws it uniformly per sample (Gulrajani et al.). With a ``condition`` (the
+    image pair) the gradient is taken with respect to the field channels only."""
     if beta is None:
         mix = torch.rand(teacher.shape[0], 1, 1, 1, 1, device=teacher.device, dtype=teacher.dtype)
     else:
         mix = torch.full((teacher.shape[0], 1, 1, 1, 1), float(beta), device=teacher.device, dtype=teacher.dtype)
     z = (mix * teacher + (1 - mix) * student).detach().requires_grad_(True)
-    (grad,) = torch.autograd.grad(critic(z).sum(), z, create_graph=True)
+    (grad,) = torch.autograd.grad(critic(with_condition(z, condition)).sum(), z, create_graph=True)
     return ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
 
 
 CRITIC_INPUTS = ("raw", "unit_rms")
+# what the critic is shown beside the field: nothing (the paper: it can only tell the teacher's
+# fields from the student's as a population) or the image pair (moving, fixed) the field
+# registers, so that it judges whether the field fits its pair
+CRITIC_CONDITIONS = ("none", "pair")
+
+
+def with_condition(field: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor:
+    """The critic's input: the (viewed) field, with the condition's channels appended."""
+    return field if condition is None else torch.cat([field, condition.to(field.dtype)], 1)
 
 
 def critic_view(field: torch.Tensor, mode: str = "raw") -> torch.Tensor:
@@ -94,17 +105,19 @@ def critic_view(field: torch.Tensor, mode: str = "raw") -> torch.Tensor:
 
 
 def critic_loss(critic, teacher: torch.Tensor, student: torch.Tensor, beta: float | None, gp_weight: float,
-                critic_input: str = "raw"):
-    """``D(student) - D(teacher) + lambda * GP``: minimised, it scores teacher fields high."""
+                critic_input: str = "raw", condition: torch.Tensor | None = None):
+    """``D(student) - D(teacher) + lambda * GP``: minimised, it scores teacher fields high.
+    ``condition`` (B, C, D, H, W), e.g. the moving and fixed images, is shown beside both."""
     check_field_batch("teacher field", teacher)
     check_field_batch("student field", student, teacher.shape[2:])
     student = critic_view(student.detach(), critic_input)
     teacher = critic_view(teacher.to(student.dtype), critic_input)
-    wasserstein = critic(student).mean() - critic(teacher).mean()
-    return wasserstein + gp_weight * gradient_penalty(critic, teacher, student, beta), wasserstein
+    wasserstein = critic(with_condition(student, condition)).mean() - critic(with_condition(teacher, condition)).mean()
+    return wasserstein + gp_weight * gradient_penalty(critic, teacher, student, beta, condition), wasserstein
 
 
-def adversarial_loss(critic, student: torch.Tensor, critic_input: str = "raw") -> torch.Tensor:
+def adversarial_loss(critic, student: torch.Tensor, critic_input: str = "raw",
+                     condition: torch.Tensor | None = None) -> torch.Tensor:
     """The student's side of the game: ``-D(student)``, with its gradient flowing into the
     student (the defect of the authors' release, where this term had none, is not repeated)."""
-    return -critic(critic_view(student, critic_input)).mean()
+    return -critic(with_condition(critic_view(student, critic_input), condition)).mean()

@@ -241,16 +241,25 @@ class CascadedRegistration(nn.Module):
 
 class Critic(nn.Module):
     """WGAN critic over displacement fields: strided 3D convs (no normalisation, as WGAN-GP
-    requires), global average pooling and a linear score. Works on any grid size."""
+    requires), global average pooling and a linear score. Works on any grid size. ``in_channels``
+    3 for a field alone, 5 for a field beside its image pair; ``spectral_norm`` bounds its
+    Lipschitz constant by construction."""
 
-    def __init__(self, width: int = 16, depth: int = 4):
+    def __init__(self, width: int = 16, depth: int = 4, in_channels: int = 3, spectral_norm: bool = False):
         super().__init__()
-        chans = [3] + [min(width * 2**i, 8 * width) for i in range(depth)]
+        self.in_channels = in_channels
+        chans = [in_channels] + [min(width * 2**i, 8 * width) for i in range(depth)]
         self.features = nn.Sequential(*[_conv(chans[i], chans[i + 1], stride=2) for i in range(depth)])
         self.score = nn.Linear(chans[-1], 1)
+        if spectral_norm:
+            # every layer's weight divided by its largest singular value (Miyato et al. 2018): with
+            # 1-Lipschitz activations and mean pooling the score is (about) 1-Lipschitz everywhere,
+            # not only where a gradient penalty samples it
+            for layer in [m for m in self.modules() if isinstance(m, (nn.Conv3d, nn.Linear))]:
+                nn.utils.parametrizations.spectral_norm(layer)
 
     def forward(self, field: torch.Tensor) -> torch.Tensor:
-        check_volume_batch("field", field, channels=3)
+        check_volume_batch("critic input", field, channels=self.in_channels)
         return self.score(self.features(field).mean(dim=(2, 3, 4))).squeeze(-1)
 
 

@@ -1,0 +1,139 @@
+"""Experiment: student variants trained side by side, each scored on the validation pairs every
+N steps (learning curve) and on the test pairs at the end.
+
+    python workflow/scripts/experiments/student_sweep.py SWEEP.yaml OUT_DIR [--results results]
+        [--jobs 4] [--threads 1] [--device auto]
+
+SWEEP.yaml names a run config (``base``), the steps and validation interval, and the variants:
+each is a student override exactly as under ``students.variants`` in the config (network keys
+and a ``train`` section), merged over the base's ``students.defaults``. The default run's data
+(``<results>/data``) and teacher (``<results>/models/teacher.pt``) are read; the teacher's fields
+for the training pairs are computed once (or read from ``<results>/cache/teacher_flows.pt``).
+Dice and folding are always scored; EPE only where the subjects' true fields are present.
+
+Writes, as each variant ends (so that a stopped sweep keeps what finished): OUT_DIR/summary.csv
+(one row per variant: test Dice, EPE, folding, steps, restarts, wall and CPU seconds, device),
+OUT_DIR/validation.csv (every variant's learning curve) and OUT_DIR/<variant>.log.
+Not part of `all`: a research tool (docs/experiments.md has the figures and the machine)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing as mp
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+import pandas as pd
+import torch
+import yaml
+
+from ldreg.engines import cpu_summary
+from ldreg.evaluate import evaluate_pairs, summary, validator
+from ldreg.io import write_csv
+from ldreg.modelfile import load_model
+from ldreg.pipeline import student_settings
+from ldreg.networks import build_network
+from ldreg.training import FlowCache, TrainConfig, cache_teacher_flows, device_for, load_images, train
+
+
+def _data(results: Path):
+    subjects = pd.read_csv(results / "data" / "subjects.csv")
+    pairs = pd.read_csv(results / "data" / "pairs.csv")
+    # EPE needs the true fields; a copy of the data without them is scored on Dice alone
+    has_truth = "true_forward" in subjects and all(Path(p).exists() for p in subjects.true_forward)
+    if not has_truth:
+        subjects = subjects.drop(columns=["true_forward", "true_inverse"], errors="ignore")
+    return subjects, pairs
+
+
+def _flow_cache(results: Path, out_dir: Path, device: str) -> Path:
+    cached = results / "cache" / "teacher_flows.pt"
+    if cached.exists():
+        return cached
+    subjects, pairs = _data(results)
+    train_pairs = pairs[pairs.split == "train"].reset_index(drop=True)
+    images = load_images(subjects[subjects.id.isin(set(train_pairs.moving) | set(train_pairs.fixed))])
+    teacher, _, _ = load_model(results / "models" / "teacher.pt", device)
+    path = out_dir / "teacher_flows.pt"
+    t = time.perf_counter()
+    cache_teacher_flows(teacher, train_pairs, images, path, device)
+    print(f"teacher fields for {len(train_pairs)} pairs in {time.perf_counter() - t:.1f} s on {device}", flush=True)
+    return path
+
+
+def run_variant(name: str, override: dict, config: dict, sweep: dict, results: str, cache_path: str, out_dir: str,
+                device: str, threads: int) -> tuple[dict, pd.DataFrame]:
+    torch.set_num_threads(threads)
+    results, out_dir = Path(results), Path(out_dir)
+    logging.basicConfig(filename=out_dir / f"{name}.log", level=logging.INFO, force=True,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config = {**config, "students": {**config["students"], "variants": {name: override}}}
+    spec, train_cfg = student_settings(config, name)
+    train_cfg = {"steps": sweep["steps"], "validate_every": sweep["validate_every"], **train_cfg}
+    if "steps" not in override.get("train", {}):  # a variant may name its own steps
+        train_cfg["steps"] = sweep["steps"]
+    cfg = TrainConfig.from_dict({"seed": config["seed"], **train_cfg})
+    subjects, pairs = _data(results)
+    train_pairs = pairs[pairs.split == "train"].reset_index(drop=True)
+    images = load_images(subjects[subjects.id.isin(set(train_pairs.moving) | set(train_pairs.fixed))])
+    uses_teacher = cfg.distillation != "none" or cfg.adversarial
+    cache = FlowCache(cache_path) if uses_teacher else None
+    spacing = config["preprocessing"]["spacing_mm"]
+    validate = validator(subjects, pairs[pairs.split == "val"].head(config["evaluation"]["validation_pairs"]),
+                         spacing, device)
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    model, _, val_log, _ = train(build_network(spec), train_pairs, images, cfg, out_dir / f"{name}.ckpt", cache,
+                                 device, show_progress=False, validate=validate, name=name)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    (out_dir / f"{name}.ckpt").unlink(missing_ok=True)
+    test = pairs[pairs.split == "test"]
+    predict = lambda m, f: model(m.to(device), f.to(device), warp=False)["flow"].float().cpu()
+    per_pair, _ = evaluate_pairs(name, predict, subjects, test, spacing, with_hd95=False, show_progress=False)
+    stopped = val_log["stopped"].iloc[-1] if len(val_log) and "stopped" in val_log else ""
+    row = {"variant": name, **{f"test_{k}": v for k, v in summary(per_pair).items()},
+           "best_val_dice": float(val_log.dice.max()) if "dice" in val_log else float("nan"),
+           "steps": cfg.steps, "restarts": int(val_log["restarts"].iloc[-1]) if len(val_log) else 0,
+           "stopped": stopped, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "device": device,
+           "threads": threads, "override": repr(override)}
+    return row, val_log.assign(variant=name)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("sweep", type=Path)
+    ap.add_argument("out_dir", type=Path)
+    ap.add_argument("--results", type=Path, default=Path("results"))
+    ap.add_argument("--jobs", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--only", nargs="*", help="run these variants of the sweep only")
+    args = ap.parse_args(argv)
+    sweep = yaml.safe_load(args.sweep.read_text())
+    config = yaml.safe_load(Path(sweep["base"]).read_text())
+    variants = {k: (v or {}) for k, v in sweep["variants"].items() if not args.only or k in args.only}
+    device = str(device_for(args.device))
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    print(f"{len(variants)} variants, {args.jobs} at a time, {args.threads} thread(s) each, on {device} "
+          f"({torch.cuda.get_device_name() if device == 'cuda' else cpu_summary()})", flush=True)
+    cache_path = _flow_cache(args.results, args.out_dir, device)
+    rows, curves = [], []
+    # spawn: CUDA cannot be used in forked workers
+    with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(run_variant, name, override, config, sweep, str(args.results), str(cache_path),
+                               str(args.out_dir), device, args.threads): name for name, override in variants.items()}
+        for future in as_completed(futures):
+            try:
+                row, curve = future.result()
+            except Exception as exc:  # one failed variant must not lose the others
+                row, curve = {"variant": futures[future], "stopped": f"failed: {exc}"}, pd.DataFrame()
+            rows.append(row)
+            curves.append(curve)
+            print({k: row.get(k) for k in ("variant", "test_dice", "test_epe_mm", "best_val_dice", "steps",
+                                           "restarts", "stopped", "wall_s")}, flush=True)
+            write_csv(pd.DataFrame(rows), args.out_dir / "summary.csv")
+            write_csv(pd.concat(curves, ignore_index=True), args.out_dir / "validation.csv")
+
+
+if __name__ == "__main__":
+    main()
