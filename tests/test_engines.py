@@ -4,7 +4,7 @@ import math
 import pytest
 
 from ldreg import engines
-from ldreg.speed_profile import machine_throughput, plan
+from ldreg.speed_profile import ON_GRID, input_label, machine_throughput, plan
 
 ALL = ["float32", "float32_cl", "bfloat16_cl"]
 
@@ -25,7 +25,14 @@ def test_without_bf16_units_bfloat16_is_skipped_everywhere(no_bf16_units):
     assert "emulated" in skipped["bfloat16_cl"]
     assert engines.default_precision("cpu") == "float32"
     configs, notes = plan(["teacher", "student"], ALL, [(16, 16, 16)], [1, 2])
-    assert {e for _, e, _, _ in configs} == {"float32", "float32_cl"} and len(configs) == 2 * 2 * 2
+    assert {e for _, e, _, _, _ in configs} == {"float32", "float32_cl"} and len(configs) == 2 * 2 * 2
+    assert all(native is None for *_, native in configs)
+    scan = {"shape": [40, 48, 40], "spacing_mm": 1.0}
+    with_scan, _ = plan(["student"], ["float32"], [(16, 16, 16), (32, 32, 32)], [1], [scan])
+    # each grid with inputs on it, then the scan on the first (the model's own) grid
+    assert with_scan == [("student", "float32", (16, 16, 16), 1, None), ("student", "float32", (32, 32, 32), 1, None),
+                         ("student", "float32", (16, 16, 16), 1, scan)]
+    assert input_label(scan) == "40x48x40 at 1 mm" and input_label(None) == ON_GRID
     assert [(n["model"], n["engine"]) for n in notes] == [("teacher", "bfloat16_cl"), ("student", "bfloat16_cl")]
     assert all("emulated" in n["accuracy_note"] for n in notes)
     assert "no bf16 units" in engines.cpu_summary()

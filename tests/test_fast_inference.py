@@ -1,4 +1,7 @@
 """The CPU inference path of issue 7: every shortcut must give what the plain computation gives."""
+import tempfile
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -159,6 +162,17 @@ def test_profile_one_times_every_stage(tmp_path):
     assert all(row[f"{s}_s"] > 0 for s in STAGES)
     assert row["total_min_s"] <= row["total_s"] <= 1.5 * sum(row[f"{s}_s"] for s in STAGES)
     assert row["peak_rss_mb"] > 50 and row["write_nii_gz_s"] > 0
+    # a scan at its own shape and spacing: preprocessed onto the model's grid, outputs back on the scan's
+    native = profile_one(str(model_path), "float32", [32, 32, 32], threads=1, repeats=1, warmup=0,
+                         native={"shape": [40, 48, 44], "spacing_mm": 1.0})
+    assert all(native[f"{s}_s"] > 0 for s in STAGES)
+    scan = Registrar(model_path)
+    with tempfile.TemporaryDirectory() as tmp:
+        from ldreg.speed_profile import _random_inputs
+
+        paths = _random_inputs(Path(tmp), (40, 48, 44), 1.0, 0)
+        result = scan.register(paths["moving"], paths["fixed"], paths["labels"])
+    assert result["warped"].shape == (40, 48, 44) and result["field"].shape[-3:] == (40, 48, 44)
 
 
 def test_register_refine_steps_zero_is_the_network_alone_and_steps_improve_the_match(tmp_path):

@@ -267,6 +267,28 @@ def test_normalised_adversarial_term_is_the_raw_one_over_sqrt_field_elements(tmp
         TrainConfig.from_dict({"critic_condition": "images"})
 
 
+def test_critic_batch_grows_with_its_history_of_student_fields(tmp_path, monkeypatch):
+    import ldreg.training as training
+
+    images, _, pairs = _shifted_pairs(shape=(16, 16, 16))
+    teacher = {r.pair_id: torch.full((1, 3, 16, 16, 16), 0.5) for r in pairs.itertuples()}
+    seen = []
+    real = training.critic_loss
+
+    def spy(critic, t, s, *args):
+        assert t.shape == s.shape
+        seen.append(s.shape[0])
+        return real(critic, t, s, *args)
+
+    monkeypatch.setattr(training, "critic_loss", spy)
+    cfg = TrainConfig(steps=5, adversarial=True, critic_history=3, critic_steps=1, critic_width=4)
+    train(build_network(CascadeSpec(kind="student", width=4, depth=3, affine=False)), pairs, images, cfg,
+          tmp_path / "c.ckpt", flow_cache=_Cache(teacher), show_progress=False)
+    assert seen == [1, 2, 3, 4, 4]
+    with pytest.raises(ValueError, match="critic_history"):
+        TrainConfig.from_dict({"critic_history": -1})
+
+
 def test_training_resumes_from_checkpoint(tmp_path):
     images, _, pairs = _shifted_pairs(shape=(16, 16, 16))
     spec = CascadeSpec(kind="student", width=4, depth=3, affine=False)

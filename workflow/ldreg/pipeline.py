@@ -266,7 +266,9 @@ def tables(config, eval_csvs: dict, timing_csvs: dict, model_paths: dict, out_di
             accuracy.loc[rows, "flag"] = ["; ".join(filter(None, [f, note])) for f in accuracy.loc[rows, "flag"]]
     out_dir = Path(out_dir)
     write_table(accuracy.assign(seed=config["seed"]), out_dir / "accuracy")
-    write_table(speed_table(speed), out_dir / "speed")
+    # the speed profile's reference model is the recommended student
+    student = config["speed_profile"].get("reference_model") or "student_aldk"
+    write_table(speed_table(speed, student=student), out_dir / "speed")
     write_table(ablation_table(accuracy, resolved_variants(config), evals), out_dir / "ablation")
 
 
@@ -350,7 +352,8 @@ def speed_profile(config, model_paths: dict, subjects_csv, pairs_csv, profile_cs
     table, machine = profile(model_paths, sp["engines"], grids, counts, repeats, sp["warmup"],
                              pd.read_csv(subjects_csv), pairs[pairs.split == "test"],
                              config["preprocessing"]["spacing_mm"], sp["reference_engine"], sp["baseline_model"],
-                             sp.get("reference_model"), config["seed"])
-    log.info("\n%s", table[["model", "engine", "grid", "threads", "total_s", "network_s", "peak_rss_mb", "dice"]].to_string())
+                             sp.get("reference_model"), config["seed"], sp.get("native_inputs", []))
+    log.info("\n%s", table[["model", "engine", "grid", "input", "threads", "total_s", "network_s", "peak_rss_mb",
+                             "dice"]].to_string())
     write_table(table, Path(profile_csv).with_suffix(""))
     write_table(machine, Path(machine_csv).with_suffix(""))

@@ -2,7 +2,9 @@
 
 Every configuration (model x engine x grid x threads) runs the ``register`` path of
 :mod:`ldreg.register` in a fresh interpreter (so its peak memory is its own) on random NIfTI
-inputs that lie on the model's grid: stages preprocess (read, check, normalise, place on the
+inputs that lie on the model's grid, and, for each ``native_inputs`` entry, on inputs of a
+scan's own shape and spacing (e.g. 154x188x154 at 1 mm), which the model's preprocessed grid
+receives and the outputs go back to: stages preprocess (read, check, normalise, place on the
 grid), network, warp (field to the fixed grid; image and labels warped), write (warped image,
 labels and field as .nii), median of ``repeats`` runs after ``warmup``. Writing .nii.gz is
 timed once on the side: gzip is single-threaded and would otherwise hide everything else.
@@ -70,7 +72,7 @@ def machine_throughput(threads: int, repeats: int = 3, channels: int = 64, size:
 
 
 def _random_inputs(folder: Path, grid, spacing: float, seed: int) -> dict:
-    """Random moving/fixed images and moving labels (35 structures) on the model's grid."""
+    """Random moving/fixed images and moving labels (35 structures) of shape ``grid``."""
     rng = np.random.default_rng(seed)
     affine = np.diag([spacing] * 3 + [1.0])
     paths = {"moving": folder / "moving.nii", "fixed": folder / "fixed.nii", "labels": folder / "moving_labels.nii"}
@@ -80,8 +82,10 @@ def _random_inputs(folder: Path, grid, spacing: float, seed: int) -> dict:
     return paths
 
 
-def profile_one(model_path: str, engine: str, grid, threads: int, repeats: int, warmup: int, seed: int = 0) -> dict:
-    """One configuration's stage times (medians), peak memory and FLOPs; run it isolated."""
+def profile_one(model_path: str, engine: str, grid, threads: int, repeats: int, warmup: int, seed: int = 0,
+                native: dict | None = None) -> dict:
+    """One configuration's stage times (medians), peak memory and FLOPs; run it isolated.
+    ``native`` ({shape, spacing_mm}): inputs of that shape and spacing instead of the grid's."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     precision, channels_last = engine_spec(engine)
@@ -89,7 +93,8 @@ def profile_one(model_path: str, engine: str, grid, threads: int, repeats: int, 
     registrar = Registrar(model_path, "cpu", precision, channels_last, grid=grid)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        paths = _random_inputs(tmp, grid, registrar.prep.spacing_mm, seed)
+        shape, spacing = (grid, registrar.prep.spacing_mm) if native is None else (native["shape"], native["spacing_mm"])
+        paths = _random_inputs(tmp, tuple(shape), spacing, seed)
         outputs = {"warped_path": tmp / "warped.nii", "field_path": tmp / "field.nii",
                    "warped_labels_path": tmp / "warped_labels.nii"}
         runs = []
@@ -131,30 +136,44 @@ def engine_scores(model_path, engine: str, subjects: pd.DataFrame, test_pairs: p
     return {"dice": float("nan"), **summary(per_pair)}
 
 
-def plan(models, engines, grids, thread_counts) -> tuple[list[tuple], list[dict]]:
-    """The configurations to profile (model, engine, grid, threads), engines this CPU would
-    emulate left out, and one note row per model and skipped engine for the table."""
+ON_GRID = "on the model grid"
+
+
+def input_label(native: dict | None) -> str:
+    """The profile table's ``input`` column: where the pair's images lie."""
+    if native is None:
+        return ON_GRID
+    return f"{'x'.join(map(str, native['shape']))} at {native['spacing_mm']:g} mm"
+
+
+def plan(models, engines, grids, thread_counts, native_inputs=()) -> tuple[list[tuple], list[dict]]:
+    """The configurations to profile (model, engine, grid, threads, native input or None):
+    every grid with inputs on it, then each native input on the first (the model's own) grid;
+    engines this CPU would emulate left out, and one note row per model and skipped engine."""
     kept, skipped = native_engines(engines)
-    configs = [(m, e, tuple(g), n) for m in models for e in kept for g in grids for n in thread_counts]
+    inputs = [(tuple(g), None) for g in grids] + [(tuple(grids[0]), dict(n)) for n in native_inputs]
+    configs = [(m, e, g, n, x) for m in models for e in kept for g, x in inputs for n in thread_counts]
     notes = [{"model": m, "engine": e, "accuracy_note": why} for m in models for e, why in skipped.items()]
     return configs, notes
 
 
 def speed_profile(models: dict, engines, grids, thread_counts, repeats: int, warmup: int, subjects: pd.DataFrame,
                   test_pairs: pd.DataFrame, spacing: float, reference: str, baseline_model: str,
-                  reference_model: str | None = None, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+                  reference_model: str | None = None, seed: int = 0,
+                  native_inputs=()) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The profile table and the machine-throughput table.
 
     ``reference`` is the engine every other engine's Dice is compared with (same model);
     ``baseline_model`` is the model every speed-up refers to (the teacher, in the reference
     engine, same grid and threads); ``reference_model`` (in the reference engine) is what a
     faster architecture's Dice is compared with (the full-resolution student). Engines this
-    CPU would emulate are not run (:mod:`ldreg.engines`): they appear as note rows."""
-    configs, skipped_rows = plan(models, engines, grids, thread_counts)
+    CPU would emulate are not run (:mod:`ldreg.engines`): they appear as note rows.
+    ``native_inputs`` ({shape, spacing_mm} each) add rows for scans at their own resolution."""
+    configs, skipped_rows = plan(models, engines, grids, thread_counts, native_inputs)
     if not precision_native(engine_spec(reference)[0]):
         log.warning("reference engine %s %s; float32 is the reference instead", reference, skip_reason(engine_spec(reference)[0]))
         reference = "float32"
-    ran = list(dict.fromkeys(e for _, e, _, _ in configs))
+    ran = list(dict.fromkeys(e for _, e, _, _, _ in configs))
     if reference not in ran:
         ran.insert(0, reference)
     cpu = cpu_summary()
@@ -174,26 +193,27 @@ def speed_profile(models: dict, engines, grids, thread_counts, repeats: int, war
             unguarded = f"reference model {reference_model} does not register ({flag}): no guard against it"
             reference_model = None
     flops = {(m, tuple(g)): run_isolated("ldreg.speed_profile:count_flops", model_path=str(p), grid=list(g))["flops"]
-             for m, p in models.items() for g in grids}
+             for m, p in models.items() for g in dict.fromkeys(c[2] for c in configs)}
     rows = []
-    for k, (name, engine, grid, threads) in enumerate(configs, 1):
+    for k, (name, engine, grid, threads, native) in enumerate(configs, 1):
         t = time.perf_counter()
         res = run_isolated("ldreg.speed_profile:profile_one", model_path=str(models[name]), engine=engine,
-                           grid=list(grid), threads=threads, repeats=repeats, warmup=warmup, seed=seed)
-        log.info("[%d/%d] %s %s %s %d thread(s): %.3f s a pair (profiled in %.0f s)", k, len(configs), name, engine,
-                 "x".join(map(str, grid)), threads, res["total_s"], time.perf_counter() - t)
+                           grid=list(grid), threads=threads, repeats=repeats, warmup=warmup, seed=seed, native=native)
+        log.info("[%d/%d] %s %s %s, inputs %s, %d thread(s): %.3f s a pair (profiled in %.0f s)", k, len(configs), name,
+                 engine, "x".join(map(str, grid)), input_label(native), threads, res["total_s"], time.perf_counter() - t)
         precision = engine_spec(engine)[0]
         best = machine[machine.op.str.startswith("conv3d") & (machine.dtype == precision) & (machine.threads == threads)]
         gflops = flops[(name, grid)] / 1e9
-        rows.append({"model": name, "engine": engine, "grid": "x".join(map(str, grid)), "threads": threads, **res,
+        rows.append({"model": name, "engine": engine, "grid": "x".join(map(str, grid)), "input": input_label(native),
+                     "threads": threads, **res,
                      "gflops": gflops, "achieved_gflops_per_s": gflops / res["network_s"],
                      "machine_conv3d_gflops_per_s": best.gflops_per_s.max(),
                      "dice": dice[(name, engine)], "dice_change_vs_reference": dice[(name, engine)] - dice[(name, reference)],
                      "repeats": repeats, "warmup": warmup, "seed": seed})
     table = pd.DataFrame(rows)
     table["fraction_of_machine"] = table.achieved_gflops_per_s / table.machine_conv3d_gflops_per_s
-    base = table[(table.model == baseline_model) & (table.engine == reference)].set_index(["grid", "threads"])
-    key = list(zip(table.grid, table.threads))
+    base = table[(table.model == baseline_model) & (table.engine == reference)].set_index(["grid", "input", "threads"])
+    key = list(zip(table.grid, table.input, table.threads))
     table["speedup_vs_baseline"] = [base.total_s.get(k, np.nan) for k in key] / table.total_s
     table["network_speedup_vs_baseline"] = [base.network_s.get(k, np.nan) for k in key] / table.network_s
     notes = np.where(table.dice_change_vs_reference < -DICE_TOLERANCE,
@@ -208,7 +228,7 @@ def speed_profile(models: dict, engines, grids, thread_counts, repeats: int, war
     table["identity_dice"] = identity
     table = pd.concat([table, pd.DataFrame(skipped_rows)], ignore_index=True)
     table.insert(1, "cpu", cpu)
-    order = ["model", "cpu", "engine", "grid", "threads", "total_s", "total_min_s", *[f"{s}_s" for s in STAGES],
+    order = ["model", "cpu", "engine", "grid", "input", "threads", "total_s", "total_min_s", *[f"{s}_s" for s in STAGES],
              "write_nii_gz_s", "peak_rss_mb", "gflops", "achieved_gflops_per_s", "machine_conv3d_gflops_per_s",
              "fraction_of_machine", "speedup_vs_baseline", "network_speedup_vs_baseline", "dice",
              "identity_dice", "dice_change_vs_reference", *(["dice_change_vs_reference_model"] if reference_model else []),

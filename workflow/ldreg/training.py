@@ -7,6 +7,7 @@ import copy
 import logging
 import math
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +59,10 @@ class TrainConfig:
     # only at the sampled interpolates; at batch 1 the default runs' critics ran away: scores
     # swinging +-60 within 20 steps, and the student followed their gradient)
     critic_spectral_norm: bool = False
+    # the critic's batch: this step's student field and up to this many earlier ones (detached,
+    # each with its pair's teacher field); 0 is the paper's one pair. At one pair the critic's
+    # estimate swung by tens within a few steps and the student followed it
+    critic_history: int = 0
     adversarial_ramp_steps: int = 0  # the adversarial weight grows linearly from 0 over these steps
     warmup_steps: int = 0  # learning rate grows linearly from 0 over these steps
     lr_schedule: str = "constant"  # constant | cosine (to lr_min_fraction * lr at the last step)
@@ -83,6 +88,8 @@ class TrainConfig:
             raise ValueError(f"critic_input must be one of {CRITIC_INPUTS}, got {cfg.critic_input!r}")
         if cfg.critic_condition not in CRITIC_CONDITIONS:
             raise ValueError(f"critic_condition must be one of {CRITIC_CONDITIONS}, got {cfg.critic_condition!r}")
+        if cfg.critic_history < 0:
+            raise ValueError(f"critic_history must be >= 0, got {cfg.critic_history}")
         if cfg.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {cfg.lr_schedule!r}")
         return cfg
@@ -225,6 +232,7 @@ def train(model: CascadedRegistration, pairs: pd.DataFrame, images: dict, cfg: T
         critic_opt = torch.optim.Adam(critic.parameters(), lr=cfg.critic_lr, betas=(0.5, 0.9))
     grid = tuple(next(iter(images.values())).shape[2:])
     guard = DivergenceGuard(grid)
+    history = deque(maxlen=max(cfg.critic_history, 1))  # (student field, teacher field, condition), newest first
 
     def snapshot(step, rows, val_rows, lr_factor, restarts) -> dict:
         state = {"model": model.state_dict(), "optimiser": optimiser.state_dict(), "rows": rows, "val_rows": val_rows,
@@ -294,9 +302,15 @@ def train(model: CascadedRegistration, pairs: pd.DataFrame, images: dict, cfg: T
                 group["lr"] = cfg.critic_lr * lr_factor
             with torch.no_grad():
                 student_flow = model(moving, fixed)["flow"]
+            samples = [(student_flow, teacher_flow, _critic_condition(cfg, moving, fixed))]
+            if cfg.critic_history:
+                samples += list(history)
+                history.appendleft(samples[0])
+            students, teachers = torch.cat([s[0] for s in samples]), torch.cat([s[1] for s in samples])
+            conditions = None if samples[0][2] is None else torch.cat([s[2] for s in samples])
             for _ in range(cfg.critic_steps):
-                d_loss, wasserstein = critic_loss(critic, teacher_flow, student_flow, cfg.beta, cfg.gp_weight,
-                                                  cfg.critic_input, _critic_condition(cfg, moving, fixed))
+                d_loss, wasserstein = critic_loss(critic, teachers, students, cfg.beta, cfg.gp_weight,
+                                                  cfg.critic_input, conditions)
                 critic_opt.zero_grad(set_to_none=True)
                 d_loss.backward()
                 critic_opt.step()
@@ -350,6 +364,7 @@ def train(model: CascadedRegistration, pairs: pd.DataFrame, images: dict, cfg: T
                         "rates halved (x%.3g)", name, step + 1, symptom, restarts, cfg.max_restarts, good["step"],
                         lr_factor)
             restore(good)
+            history.clear()  # fields of the abandoned steps
             rows, val_rows, step = copy.deepcopy(good["rows"]), copy.deepcopy(good["val_rows"]), good["step"]
             good.update(lr_factor=lr_factor, restarts=restarts)
             guard.reset()
