@@ -41,9 +41,10 @@ rule cache_teacher_flows:
         f"{RESULTS}/logs/cache_teacher_flows.log",
     benchmark:
         f"{RESULTS}/benchmarks/cache_teacher_flows.tsv"
-    threads: workflow.cores
-    # the distilling and adversarial students wait for it: before the evaluations that could
-    # otherwise keep taking the cores it needs
+    # half the cores, like a training job: asking for all of them, it waited 6.5 min for the
+    # VoxelMorph job to free its core while 1-thread evaluations filled the other (default run,
+    # 2 cores), and the distilling and adversarial students waited with it
+    threads: train_threads
     priority: 10
     resources:
         mem_mb=4000,
