@@ -289,6 +289,13 @@ def test_critic_batch_grows_with_its_history_of_student_fields(tmp_path, monkeyp
         TrainConfig.from_dict({"critic_history": -1})
 
 
+def test_a_seeded_network_starts_from_the_same_weights():
+    spec = CascadeSpec(kind="student", width=4, depth=3)
+    a, b, c = build_network(spec, seed=3), build_network(spec, seed=3), build_network(spec, seed=4)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), c.state_dict().values()))
+
+
 def test_training_resumes_from_checkpoint(tmp_path):
     images, _, pairs = _shifted_pairs(shape=(16, 16, 16))
     spec = CascadeSpec(kind="student", width=4, depth=3, affine=False)

@@ -127,7 +127,7 @@ def _run_training(name, spec: CascadeSpec, train_cfg: dict, config, subjects_csv
                   checkpoint, flow_cache_path=None, val_csv=None):
     images, pairs = _train_inputs(subjects_csv, pairs_csv)
     cfg = TrainConfig.from_dict({"seed": config["seed"], **train_cfg})
-    model = build_network(spec)
+    model = build_network(spec, seed=cfg.seed)
     grid = tuple(config["preprocessing"]["grid"])
     info = complexity(model, grid)
     log.info("%s: %s, %d parameters, %.2f GFLOPs per pair at %s, %d threads on %s", name, spec, info["parameters"],

@@ -83,7 +83,7 @@ def run_variant(name: str, override: dict, config: dict, sweep: dict, results: s
     validate = validator(subjects, pairs[pairs.split == "val"].head(config["evaluation"]["validation_pairs"]),
                          spacing, device)
     cpu0, t0 = time.process_time(), time.perf_counter()
-    model, _, val_log, _ = train(build_network(spec), train_pairs, images, cfg, out_dir / f"{name}.ckpt", cache,
+    model, _, val_log, _ = train(build_network(spec, seed=cfg.seed), train_pairs, images, cfg, out_dir / f"{name}.ckpt", cache,
                                  device, show_progress=False, validate=validate, name=name)
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     (out_dir / f"{name}.ckpt").unlink(missing_ok=True)
