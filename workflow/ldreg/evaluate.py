@@ -140,7 +140,9 @@ def registration_flag(dice: float, identity_dice: float, folding_percent: float)
     flags = []
     if dice == dice and identity_dice == identity_dice:  # both known (not NaN)
         if dice < identity_dice:
-            flags.append(f"below no registration (Dice {dice:.3f} < {identity_dice:.3f})")
+            # the difference spelled out: a model a hair below no registration read "0.198 < 0.198"
+            flags.append(f"below no registration (Dice {dice:.3f} against {identity_dice:.3f}: "
+                         f"{dice - identity_dice:+.2g})")
         elif dice < identity_dice + NO_GAIN_DICE:
             # a model left at (or near) the zero field is no registration, not a result
             flags.append(f"no better than no registration (Dice {dice:.3f}, gain < {NO_GAIN_DICE:g})")

@@ -177,7 +177,8 @@ def _critic_condition(cfg: TrainConfig, moving, fixed):
     return torch.cat([moving, fixed], 1) if cfg.critic_condition == "pair" else None
 
 
-def _loss_terms(model, out, moving, fixed, cfg: TrainConfig, teacher_flow=None, critic=None, adv_scale: float = 1.0):
+def _loss_terms(model, out, moving, fixed, cfg: TrainConfig, teacher_flow=None, critic=None, adv_scale: float = 1.0,
+                condition=None):
     terms = {"similarity": similarity_loss(cfg.similarity, out["warped"], fixed)}
     dense = out["fields"][1:] if model.affine is not None else out["fields"]
     terms["smoothness"] = sum(smoothness_loss(f) for f in dense) / max(len(dense), 1)
@@ -191,8 +192,7 @@ def _loss_terms(model, out, moving, fixed, cfg: TrainConfig, teacher_flow=None, 
         total = total + cfg.distillation_weight * terms["distillation"]
     if cfg.adversarial:
         # ALDK: gamma * (1 - CorrCoef) + (1 - gamma) * adversarial (the paper: similarity_weight 1)
-        terms["adversarial"] = adversarial_loss(critic, out["flow"], cfg.critic_input,
-                                                _critic_condition(cfg, moving, fixed))
+        terms["adversarial"] = adversarial_loss(critic, out["flow"], cfg.critic_input, condition)
         if cfg.adversarial_normalise:
             terms["adversarial"] = terms["adversarial"] / math.sqrt(out["flow"][0].numel())
         total = (total + cfg.similarity_weight * cfg.gamma * terms["similarity"]
@@ -297,12 +297,13 @@ def train(model: CascadedRegistration, pairs: pd.DataFrame, images: dict, cfg: T
         for group in optimiser.param_groups:
             group["lr"] = lr
         row = {"step": step + 1, "lr": lr}
+        condition = _critic_condition(cfg, moving, fixed)  # what the critic sees beside the field, both sides
         if critic is not None:
             for group in critic_opt.param_groups:
                 group["lr"] = cfg.critic_lr * lr_factor
             with torch.no_grad():
                 student_flow = model(moving, fixed)["flow"]
-            samples = [(student_flow, teacher_flow, _critic_condition(cfg, moving, fixed))]
+            samples = [(student_flow, teacher_flow, condition)]
             if cfg.critic_history:
                 samples += list(history)
                 history.appendleft(samples[0])
@@ -316,7 +317,7 @@ def train(model: CascadedRegistration, pairs: pd.DataFrame, images: dict, cfg: T
                 critic_opt.step()
             row["critic"], row["wasserstein"] = float(d_loss.detach()), float(wasserstein.detach())
         out = model(moving, fixed)
-        terms = _loss_terms(model, out, moving, fixed, cfg, teacher_flow, critic, cfg.adversarial_scale(step))
+        terms = _loss_terms(model, out, moving, fixed, cfg, teacher_flow, critic, cfg.adversarial_scale(step), condition)
         values = {k: float(v.detach()) for k, v in terms.items()}
         field_rms = float(out["flow"].detach().pow(2).sum(1).mean().sqrt())
         # checked before the update, so that no step of a diverging state reaches the weights

@@ -32,9 +32,9 @@ from ldreg.engines import cpu_summary
 from ldreg.evaluate import evaluate_pairs, summary, validator
 from ldreg.io import write_csv
 from ldreg.modelfile import load_model
-from ldreg.pipeline import student_settings
+from ldreg.pipeline import _train_inputs, student_settings
 from ldreg.networks import build_network
-from ldreg.training import FlowCache, TrainConfig, cache_teacher_flows, device_for, load_images, train
+from ldreg.training import FlowCache, TrainConfig, cache_teacher_flows, device_for, train
 
 
 def _data(results: Path):
@@ -51,9 +51,7 @@ def _flow_cache(results: Path, out_dir: Path, device: str) -> Path:
     cached = results / "cache" / "teacher_flows.pt"
     if cached.exists():
         return cached
-    subjects, pairs = _data(results)
-    train_pairs = pairs[pairs.split == "train"].reset_index(drop=True)
-    images = load_images(subjects[subjects.id.isin(set(train_pairs.moving) | set(train_pairs.fixed))])
+    images, train_pairs = _train_inputs(results / "data" / "subjects.csv", results / "data" / "pairs.csv")
     teacher, _, _ = load_model(results / "models" / "teacher.pt", device)
     path = out_dir / "teacher_flows.pt"
     t = time.perf_counter()
@@ -70,13 +68,12 @@ def run_variant(name: str, override: dict, config: dict, sweep: dict, results: s
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = {**config, "students": {**config["students"], "variants": {name: override}}}
     spec, train_cfg = student_settings(config, name)
-    train_cfg = {"steps": sweep["steps"], "validate_every": sweep["validate_every"], **train_cfg}
-    if "steps" not in override.get("train", {}):  # a variant may name its own steps
-        train_cfg["steps"] = sweep["steps"]
+    # the sweep's steps and validation interval over the base's, a variant's own steps over both
+    train_cfg = {**train_cfg, "validate_every": sweep["validate_every"],
+                 "steps": override.get("train", {}).get("steps", sweep["steps"])}
     cfg = TrainConfig.from_dict({"seed": config["seed"], **train_cfg})
     subjects, pairs = _data(results)
-    train_pairs = pairs[pairs.split == "train"].reset_index(drop=True)
-    images = load_images(subjects[subjects.id.isin(set(train_pairs.moving) | set(train_pairs.fixed))])
+    images, train_pairs = _train_inputs(results / "data" / "subjects.csv", results / "data" / "pairs.csv")
     uses_teacher = cfg.distillation != "none" or cfg.adversarial
     cache = FlowCache(cache_path) if uses_teacher else None
     spacing = config["preprocessing"]["spacing_mm"]
