@@ -105,9 +105,16 @@ def test_every_table_and_figure_exists_with_sane_values(tiny_run):
     if "note" in acc.columns and isinstance(acc.loc["peer_ants_syn", "note"], str):
         assert "not installed" in acc.loc["peer_ants_syn", "note"]  # skipped, and says so
     else:
-        assert acc.loc["peer_ants_syn", "dice_mean"] > acc.loc["identity", "dice_mean"]
+        # scored on every test pair; whether ANTs registers is asserted on a known shift in
+        # test_peers.py. Its default SyN (pyramid down to 1/8) on these 24-voxel volumes sits below
+        # no registration (Dice 0.342 against 0.378 in CI and here, 38 % folding on one pair) and
+        # varies from call to call (three calls on one pair: image correlation 0.79 to 0.82)
+        ants_pairs = pd.read_csv(tiny_run / "eval" / "peer_ants_syn_pairs.csv")
+        assert len(ants_pairs) == len(pd.read_csv(tiny_run / "eval" / "identity_pairs.csv")) == 6
+        assert ants_pairs.dice.between(0, 1).all()
     ablation = pd.read_csv(tiny_run / "tables" / "ablation.csv")
     assert list(ablation.variant) == ["unsupervised", "distill", "aldk"]
+    assert list(ablation.teacher_targets) == ["none", "raw", "raw"]
     # paired test against the unsupervised student on the test pairs (6 pairs: p-values exist)
     assert ablation.set_index("variant").loc["unsupervised", "dice_diff_vs_unsupervised"] == 0
     assert ablation.wilcoxon_p.iloc[1:].between(0, 1).all()
@@ -185,6 +192,20 @@ def test_forcing_one_variant_reruns_only_it_and_its_dependents(tiny_run):
     assert "method=student_distill" in out and "method=teacher" not in out
 
 
+def test_a_refined_target_variant_adds_only_its_cache_and_student(tiny_run, tmp_path):
+    work = tiny_run.parent
+    extra = tmp_path / "refined.yaml"
+    extra.write_text("teacher_cache: {refine: {steps: 3}}\n"
+                     "students: {variants: {distill_refined: {targets: refined, train: {distillation: l2}}}}\n")
+    proc = _run(["all", "-n", "--cores", "2", "--configfile", str(TINY), str(extra), "--config",
+                 f"results_dir={work}/results", f"resources_dir={work}/resources"], cwd=work)
+    out = proc.stdout + proc.stderr
+    assert "rule cache_refined_teacher_flows" in out and "variant=distill_refined" in out
+    # the raw targets, the teacher and the other students are untouched
+    assert "rule cache_teacher_flows:" not in out and "rule train_teacher" not in out
+    assert "variant=distill\n" not in out and "variant=aldk" not in out
+
+
 def test_a_timed_out_workflow_leaves_no_process_and_names_the_running_rule(tmp_path):
     with pytest.raises(WorkflowTimeout) as err:
         _run(["all", "--cores", "1", "--configfile", str(TINY), "--config", f"results_dir={tmp_path}/results",
@@ -206,6 +227,9 @@ def test_a_timed_out_workflow_leaves_no_process_and_names_the_running_rule(tmp_p
     ("speed_profile: {models: [teacher], reference_model: student_unsupervised}\n",
      "speed_profile.reference_model 'student_unsupervised' must be one of"),
     ("evaluation: {refine: {models: [student_nonexistent]}}\n", "does not train"),
+    ("students: {variants: {distill: {targets: refined}}}\n", "needs teacher_cache.refine.steps >= 1"),
+    ("teacher_cache: {refine: {steps: 2}}\nstudents: {variants: {unsupervised: {targets: refined}}}\n",
+     "uses no teacher field"),
 ])
 def test_config_errors_are_reported_at_start(tmp_path, text, message):
     bad = tmp_path / "bad.yaml"

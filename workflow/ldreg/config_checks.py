@@ -23,9 +23,41 @@ def speed_profile_problems(sp: dict, trained: list[str]) -> list[str]:
     return problems
 
 
+def student_train_settings(config: dict, variant: str) -> dict:
+    """A student variant's training options: its own over the students' defaults."""
+    students = config["students"]
+    if variant not in students["variants"]:
+        raise ValueError(f"unknown student variant {variant!r}; configured: {sorted(students['variants'])}")
+    return {**students.get("defaults", {}).get("train", {}), **(students["variants"][variant] or {}).get("train", {})}
+
+
+def student_uses_teacher(config: dict, variant: str) -> bool:
+    """Whether the variant learns from the teacher's cached fields (distillation or the critic)."""
+    train = student_train_settings(config, variant)
+    return train.get("distillation", "none") != "none" or bool(train.get("adversarial", False))
+
+
+def student_targets(config: dict, variant: str) -> str | None:
+    """Which teacher cache the variant learns from: "raw", "refined", or None (no teacher)."""
+    if not student_uses_teacher(config, variant):
+        return None
+    students = config["students"]
+    return {**students.get("defaults", {}), **(students["variants"][variant] or {})}.get("targets", "raw")
+
+
 def config_problems(config: dict, trained: list[str]) -> list[str]:
     """Every cross-key problem of a validated config, given the models the run trains."""
     problems = speed_profile_problems(config["speed_profile"], trained)
+    students = config["students"]
+    for variant, own in students["variants"].items():
+        if own is None:
+            continue
+        asked = {**students.get("defaults", {}), **own}.get("targets")
+        if asked == "refined" and not student_uses_teacher(config, variant):
+            problems.append(f"students.variants.{variant}: targets: refined, but the variant uses no teacher field "
+                            "(set distillation or adversarial)")
+        elif asked == "refined" and not config.get("teacher_cache", {}).get("refine", {}).get("steps"):
+            problems.append(f"students.variants.{variant}: targets: refined needs teacher_cache.refine.steps >= 1")
     unknown = [m for m in config["evaluation"]["refine"]["models"] if m not in trained]
     if unknown:
         problems.append(f"evaluation.refine.models names {unknown}, which this configuration does not train; "

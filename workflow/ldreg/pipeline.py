@@ -15,7 +15,7 @@ import torch
 
 from . import data as data_mod
 from . import peers
-from .config_checks import speed_profile_problems
+from .config_checks import speed_profile_problems, student_targets, student_train_settings, student_uses_teacher
 from .engines import cpu_summary
 from .evaluate import evaluate_pairs, flow_predictor, refined_predictor, validator
 from .io import InputError, write_csv
@@ -150,7 +150,7 @@ NETWORK_DEFAULTS = {"teacher": {"cascades": 2, "width": 16, "depth": 4, "affine"
 
 
 def _spec(kind: str, settings: dict) -> CascadeSpec:
-    merged = {**NETWORK_DEFAULTS[kind], **{k: v for k, v in settings.items() if k != "train"}}
+    merged = {**NETWORK_DEFAULTS[kind], **{k: v for k, v in settings.items() if k not in ("train", "targets")}}
     return CascadeSpec(kind=kind, **merged)
 
 
@@ -162,20 +162,16 @@ def train_teacher(config, subjects_csv, pairs_csv, model_out, loss_csv, checkpoi
 
 
 def student_settings(config: dict, variant: str) -> tuple[CascadeSpec, dict]:
+    train_cfg = student_train_settings(config, variant)  # checks the variant's name
     students = config["students"]
-    if variant not in students["variants"]:
-        raise ValueError(f"unknown student variant {variant!r}; configured: {sorted(students['variants'])}")
-    defaults, own = students.get("defaults", {}), students["variants"][variant] or {}
-    train_cfg = {**defaults.get("train", {}), **own.get("train", {})}
-    return _spec("student", {**defaults, **own}), train_cfg
+    return _spec("student", {**students.get("defaults", {}), **(students["variants"][variant] or {})}), train_cfg
 
 
 def train_student(config, variant, subjects_csv, pairs_csv, flow_cache, model_out, loss_csv, checkpoint,
                   val_csv=None) -> None:
     spec, train_cfg = student_settings(config, variant)
-    uses_teacher = train_cfg.get("distillation", "none") != "none" or train_cfg.get("adversarial", False)
     _run_training(f"student_{variant}", spec, train_cfg, config, subjects_csv, pairs_csv, model_out, loss_csv,
-                  checkpoint, flow_cache if uses_teacher else None, val_csv)
+                  checkpoint, flow_cache if student_uses_teacher(config, variant) else None, val_csv)
 
 
 def train_voxelmorph(config, subjects_csv, pairs_csv, model_out, loss_csv, checkpoint, val_csv=None) -> None:
@@ -187,10 +183,12 @@ def train_voxelmorph(config, subjects_csv, pairs_csv, model_out, loss_csv, check
                   val_csv=val_csv)
 
 
-def cache_flows(config, teacher_path, subjects_csv, pairs_csv, out) -> None:
+def cache_flows(config, teacher_path, subjects_csv, pairs_csv, out, refine: dict | None = None) -> None:
+    """The teacher's field for every training pair; ``refine`` (teacher_cache.refine's form; None or
+    steps 0: none) refines each on its pair first."""
     images, pairs = _train_inputs(subjects_csv, pairs_csv)
     model, _, _ = load_model(teacher_path)
-    refine = dict(config["teacher_cache"]["refine"])
+    refine = dict(refine or {"steps": 0})
     report = cache_teacher_flows(model, pairs, images, out, str(device_for(config.get("device", "auto"))), refine)
     if refine["steps"]:
         log.info("refined %d teacher fields by %d steps: similarity loss %.4f -> %.4f (mean)", len(report),
@@ -280,7 +278,8 @@ def resolved_variants(config: dict) -> dict:
         if own is None:
             continue
         spec, train_cfg = student_settings(config, name)
-        out[name] = {**spec.to_dict(), **TrainConfig.from_dict({"seed": config["seed"], **train_cfg}).__dict__}
+        out[name] = {**spec.to_dict(), **TrainConfig.from_dict({"seed": config["seed"], **train_cfg}).__dict__,
+                     "targets": student_targets(config, name) or "none"}
     return out
 
 

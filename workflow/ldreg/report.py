@@ -105,7 +105,8 @@ def ablation_table(accuracy: pd.DataFrame, variants: dict, evals: pd.DataFrame |
         if acc.empty:
             continue
         a = acc.iloc[0]
-        row = {"variant": name, "cascades": v.get("cascades", 1), "distillation": v.get("distillation", "none"),
+        row = {"variant": name, "cascades": v.get("cascades", 1), "teacher_targets": v.get("targets", "none"),
+               "distillation": v.get("distillation", "none"),
                "adversarial": bool(v.get("adversarial", False)), "gamma": v.get("gamma", np.nan) if v.get("adversarial") else np.nan,
                "adversarial_weight": v.get("adversarial_weight", np.nan) if v.get("adversarial") else np.nan,
                "flow_level": int(v.get("flow_level", 0)), "parameters": a.parameters, "dice": a.dice,

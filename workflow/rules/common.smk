@@ -1,6 +1,6 @@
 import re
 
-from ldreg.config_checks import config_problems
+from ldreg.config_checks import config_problems, student_targets
 
 # Names shared by every rule: the models, the evaluated methods and where their files lie.
 RESULTS = config["results_dir"]
@@ -52,13 +52,12 @@ def source_input(wildcards):
     return f"{RESOURCES}/{source}/.done"
 
 
-def student_uses_teacher(variant):
-    students = config["students"]
-    train = {
-        **students.get("defaults", {}).get("train", {}),
-        **(students["variants"][variant] or {}).get("train", {}),
-    }
-    return train.get("distillation", "none") != "none" or train.get("adversarial", False)
+def teacher_cache_for(wildcards):
+    """The cached teacher fields a student variant learns from (none: it does not wait for the teacher)."""
+    targets = student_targets(config, wildcards.variant)
+    if targets is None:
+        return []
+    return rules.cache_teacher_flows.output.flows if targets == "raw" else rules.cache_refined_teacher_flows.output.flows
 
 
 def method_model(wildcards):

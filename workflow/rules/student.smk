@@ -2,8 +2,8 @@ rule train_student:
     input:
         subjects=rules.preprocess.output.subjects,
         pairs=rules.preprocess.output.pairs,
-        # only distilling variants wait for (and are re-run with) the teacher
-        flows=lambda wc: rules.cache_teacher_flows.output.flows if student_uses_teacher(wc.variant) else [],
+        # only distilling variants wait for (and are re-run with) the teacher: raw or refined targets
+        flows=teacher_cache_for,
     output:
         model=model_file("student_{variant}"),
         losses=f"{RESULTS}/training/student_{{variant}}_loss.csv",
@@ -17,6 +17,10 @@ rule train_student:
     benchmark:
         f"{RESULTS}/benchmarks/train_student_{{variant}}.tsv"
     threads: train_threads
+    # before the VoxelMorph peer: at equal priority the 2-core default run gave the peer's 18-min
+    # job the second core beside the teacher, and the unsupervised student (which needs no
+    # teacher) then waited, with the teacher's students, until the peer was done
+    priority: 5
     resources:
         mem_mb=4000,
         gpu=0,
