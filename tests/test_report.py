@@ -1,5 +1,6 @@
 """Tables: the paired test of the ablation and the flag on methods that do not register."""
 import numpy as np
+import pytest
 import pandas as pd
 
 from ldreg.evaluate import registration_flag
@@ -45,3 +46,20 @@ def test_training_curves_draw_a_model_kept_at_step_0(tmp_path):
     good = pd.DataFrame({"step": [1, 2, 3], "loss": [0.9, 0.8, 0.7], "wasserstein": [0.1, 0.2, 0.3]})
     training_curves({"student_ok": good, "student_kept_at_0": pd.DataFrame({"seed": []})}, tmp_path / "c.png")
     assert (tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_run_agreement_counts_real_swaps_apart_from_ties():
+    from ldreg.report import run_agreement
+
+    first = pd.DataFrame({"method": ["identity", "teacher", "student", "peer"], "dice_mean": [0.20, 0.36, 0.28, 0.281]})
+    second = pd.DataFrame({"method": ["identity", "teacher", "student", "peer", "extra"],
+                           "dice_mean": [0.20, 0.27, 0.30, 0.2985, 0.9]})
+    methods, agreement = run_agreement({"a": first, "b": second})
+    assert list(methods.method) == ["teacher", "peer", "student", "identity"]  # first run's order; only shared methods
+    assert list(methods.rank_a) == [1, 2, 3, 4] and list(methods.rank_b) == [3, 2, 1, 4]
+    row = agreement.iloc[0]
+    # the teacher fell below the student and the peer (gaps beyond 0.005); peer and student
+    # swapped within 0.0015 of each other: a tie
+    assert row.swaps_beyond_tie == 2 and row.swaps_within_tie == 1
+    assert "teacher / student" in row.swapped and row.max_abs_dice_change == pytest.approx(0.09)
+    assert -1 <= row.kendall_tau < 1

@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from scipy.stats import wilcoxon  # noqa: E402
+from scipy.stats import kendalltau, wilcoxon  # noqa: E402
 
 from .evaluate import registration_flag  # noqa: E402
 from .io import atomic_path, write_csv  # noqa: E402
@@ -116,6 +116,40 @@ def ablation_table(accuracy: pd.DataFrame, variants: dict, evals: pd.DataFrame |
             row.update(paired_test(evals, method, f"student_{baseline}"))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def run_agreement(accuracies: dict, tie: float = 0.005) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Whether runs of one configuration (other threads, machines or seeds) give the same verdict.
+    ``accuracies``: run name -> its accuracy table. Returns the methods every run scored, each
+    run's mean Dice and rank (1: best), and one row per later run against the first: Kendall's tau
+    over the methods' Dice, the largest Dice change, and the pairs of methods whose order swapped
+    with a gap above ``tie`` in either run (swaps within ``tie`` are counted apart: run-to-run
+    noise decides them)."""
+    names = list(accuracies)
+    dice = pd.concat({n: a.set_index("method").dice_mean for n, a in accuracies.items()}, axis=1, join="inner")
+    table = pd.DataFrame({"method": dice.index})
+    for n in names:
+        table[f"dice_{n}"] = dice[n].to_numpy()
+        table[f"rank_{n}"] = dice[n].rank(ascending=False, method="min").astype(int).to_numpy()
+    first = names[0]
+    rows = []
+    for n in names[1:]:
+        swapped, ties = [], 0
+        methods = list(dice.index)
+        for i, a in enumerate(methods):
+            for b in methods[i + 1:]:
+                before, after = dice.at[a, first] - dice.at[b, first], dice.at[a, n] - dice.at[b, n]
+                if np.sign(before) != np.sign(after):
+                    if max(abs(before), abs(after)) > tie:
+                        swapped.append(f"{a} / {b} ({before:+.3f} -> {after:+.3f})")
+                    else:
+                        ties += 1
+        rows.append({"against": first, "run": n, "methods": len(methods),
+                     "kendall_tau": float(kendalltau(dice[first], dice[n]).statistic),
+                     "max_abs_dice_change": float((dice[n] - dice[first]).abs().max()),
+                     "swaps_beyond_tie": len(swapped), "swaps_within_tie": ties, "tie": tie,
+                     "swapped": "; ".join(swapped)})
+    return table.sort_values(f"rank_{first}").reset_index(drop=True), pd.DataFrame(rows)
 
 
 # ---------------------------------------------------------------------------------- figures
