@@ -182,6 +182,37 @@ def test_adversarial_term_has_gradient_into_the_student():
     assert all(p.grad is not None for p in critic.parameters())
 
 
+def test_teacher_hinge_stops_pushing_once_the_student_scores_like_the_teacher():
+    from ldreg.losses import adversarial_loss
+
+    def mean_critic(field):  # a critic whose score is the field's mean: easy to place either side
+        return field.mean(dim=(1, 2, 3, 4))
+
+    teacher = torch.full((1, 3, 8, 8, 8), 1.0)
+    below = torch.full((1, 3, 8, 8, 8), 0.5, requires_grad=True)
+    above = torch.full((1, 3, 8, 8, 8), 2.0, requires_grad=True)
+    loss = adversarial_loss(mean_critic, below, teacher=teacher)
+    loss.backward()
+    assert float(loss) == pytest.approx(0.5)
+    # below the teacher's score it pulls exactly like the paper's -D(student)
+    plain = below.detach().clone().requires_grad_(True)
+    adversarial_loss(mean_critic, plain).backward()
+    assert torch.allclose(below.grad, plain.grad) and below.grad.abs().sum() > 0
+    # past it: no loss and no push
+    loss = adversarial_loss(mean_critic, above, teacher=teacher)
+    loss.backward()
+    assert float(loss) == 0 and above.grad.abs().sum() == 0
+    # the same with a real critic, at the teacher's own field
+    torch.manual_seed(0)
+    critic, field = Critic(width=4), torch.randn(1, 3, 16, 16, 16)
+    at_teacher = field.clone().requires_grad_(True)
+    loss = adversarial_loss(critic, at_teacher, teacher=field)
+    loss.backward()
+    assert float(loss) == 0 and at_teacher.grad.abs().sum() == 0
+    with pytest.raises(ValueError, match="adversarial_target"):
+        TrainConfig.from_dict({"adversarial_target": "beyond"})
+
+
 def test_unit_rms_critic_cannot_ask_the_student_for_a_bigger_field():
     from ldreg.losses import adversarial_loss
 

@@ -116,8 +116,22 @@ def critic_loss(critic, teacher: torch.Tensor, student: torch.Tensor, beta: floa
     return wasserstein + gp_weight * gradient_penalty(critic, teacher, student, beta, condition), wasserstein
 
 
+# how far the student's side of the game pulls: without bound (the paper's WGAN generator loss)
+# or only up to the score of its pair's teacher field
+ADVERSARIAL_TARGETS = ("unbounded", "teacher")
+
+
 def adversarial_loss(critic, student: torch.Tensor, critic_input: str = "raw",
-                     condition: torch.Tensor | None = None) -> torch.Tensor:
+                     condition: torch.Tensor | None = None, teacher: torch.Tensor | None = None) -> torch.Tensor:
     """The student's side of the game: ``-D(student)``, with its gradient flowing into the
-    student (the defect of the authors' release, where this term had none, is not repeated)."""
-    return -critic(with_condition(critic_view(student, critic_input), condition)).mean()
+    student (the defect of the authors' release, where this term had none, is not repeated).
+    Given its pair's ``teacher`` field, the hinge ``max(0, D(teacher) - D(student))`` instead: the
+    student is pushed until the critic scores its field like the teacher's and no further (every
+    default-run ALDK student climbed the critic's score past the teacher fields' into fields no
+    gradient penalty had sampled)."""
+    score = critic(with_condition(critic_view(student, critic_input), condition))
+    if teacher is None:
+        return -score.mean()
+    with torch.no_grad():
+        target = critic(with_condition(critic_view(teacher, critic_input), condition))
+    return torch.relu(target - score).mean()

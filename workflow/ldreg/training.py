@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from .io import InputError, atomic_path, write_csv
-from .losses import (CRITIC_CONDITIONS, CRITIC_INPUTS, adversarial_loss, affine_losses, critic_loss, distillation_loss, similarity_loss,
+from .losses import (ADVERSARIAL_TARGETS, CRITIC_CONDITIONS, CRITIC_INPUTS, adversarial_loss, affine_losses, critic_loss, distillation_loss, similarity_loss,
                      smoothness_loss)
 from .guard import DivergenceGuard, TrainingDiverged
 from .networks import CascadedRegistration, Critic
@@ -63,6 +63,9 @@ class TrainConfig:
     # each with its pair's teacher field); 0 is the paper's one pair. At one pair the critic's
     # estimate swung by tens within a few steps and the student followed it
     critic_history: int = 0
+    # unbounded: the student's adversarial term is -D(student) (the paper); teacher: the hinge
+    # max(0, D(teacher) - D(student)), nothing to gain past the teacher field's score
+    adversarial_target: str = "unbounded"
     adversarial_ramp_steps: int = 0  # the adversarial weight grows linearly from 0 over these steps
     warmup_steps: int = 0  # learning rate grows linearly from 0 over these steps
     lr_schedule: str = "constant"  # constant | cosine (to lr_min_fraction * lr at the last step)
@@ -88,6 +91,8 @@ class TrainConfig:
             raise ValueError(f"critic_input must be one of {CRITIC_INPUTS}, got {cfg.critic_input!r}")
         if cfg.critic_condition not in CRITIC_CONDITIONS:
             raise ValueError(f"critic_condition must be one of {CRITIC_CONDITIONS}, got {cfg.critic_condition!r}")
+        if cfg.adversarial_target not in ADVERSARIAL_TARGETS:
+            raise ValueError(f"adversarial_target must be one of {ADVERSARIAL_TARGETS}, got {cfg.adversarial_target!r}")
         if cfg.critic_history < 0:
             raise ValueError(f"critic_history must be >= 0, got {cfg.critic_history}")
         if cfg.lr_schedule not in ("constant", "cosine"):
@@ -192,7 +197,8 @@ def _loss_terms(model, out, moving, fixed, cfg: TrainConfig, teacher_flow=None, 
         total = total + cfg.distillation_weight * terms["distillation"]
     if cfg.adversarial:
         # ALDK: gamma * (1 - CorrCoef) + (1 - gamma) * adversarial (the paper: similarity_weight 1)
-        terms["adversarial"] = adversarial_loss(critic, out["flow"], cfg.critic_input, condition)
+        terms["adversarial"] = adversarial_loss(critic, out["flow"], cfg.critic_input, condition,
+                                                teacher_flow if cfg.adversarial_target == "teacher" else None)
         if cfg.adversarial_normalise:
             terms["adversarial"] = terms["adversarial"] / math.sqrt(out["flow"][0].numel())
         total = (total + cfg.similarity_weight * cfg.gamma * terms["similarity"]
