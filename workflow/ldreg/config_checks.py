@@ -23,17 +23,19 @@ def speed_profile_problems(sp: dict, trained: list[str]) -> list[str]:
     return problems
 
 
-def student_train_settings(config: dict, variant: str) -> dict:
-    """A student variant's training options: its own over the students' defaults."""
+def student_variant(config: dict, variant: str) -> dict:
+    """A student variant's settings: its own over the students' defaults, the ``train`` options
+    merged key by key."""
     students = config["students"]
     if variant not in students["variants"]:
         raise ValueError(f"unknown student variant {variant!r}; configured: {sorted(students['variants'])}")
-    return {**students.get("defaults", {}).get("train", {}), **(students["variants"][variant] or {}).get("train", {})}
+    defaults, own = students.get("defaults", {}), students["variants"][variant] or {}
+    return {**defaults, **own, "train": {**defaults.get("train", {}), **own.get("train", {})}}
 
 
 def student_uses_teacher(config: dict, variant: str) -> bool:
     """Whether the variant learns from the teacher's cached fields (distillation or the critic)."""
-    train = student_train_settings(config, variant)
+    train = student_variant(config, variant)["train"]
     return train.get("distillation", "none") != "none" or bool(train.get("adversarial", False))
 
 
@@ -41,18 +43,16 @@ def student_targets(config: dict, variant: str) -> str | None:
     """Which teacher cache the variant learns from: "raw", "refined", or None (no teacher)."""
     if not student_uses_teacher(config, variant):
         return None
-    students = config["students"]
-    return {**students.get("defaults", {}), **(students["variants"][variant] or {})}.get("targets", "raw")
+    return student_variant(config, variant).get("targets", "raw")
 
 
 def config_problems(config: dict, trained: list[str]) -> list[str]:
     """Every cross-key problem of a validated config, given the models the run trains."""
     problems = speed_profile_problems(config["speed_profile"], trained)
-    students = config["students"]
-    for variant, own in students["variants"].items():
+    for variant, own in config["students"]["variants"].items():
         if own is None:
             continue
-        asked = {**students.get("defaults", {}), **own}.get("targets")
+        asked = student_variant(config, variant).get("targets")
         if asked == "refined" and not student_uses_teacher(config, variant):
             problems.append(f"students.variants.{variant}: targets: refined, but the variant uses no teacher field "
                             "(set distillation or adversarial)")

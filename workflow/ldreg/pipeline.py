@@ -15,7 +15,7 @@ import torch
 
 from . import data as data_mod
 from . import peers
-from .config_checks import speed_profile_problems, student_targets, student_train_settings, student_uses_teacher
+from .config_checks import speed_profile_problems, student_targets, student_uses_teacher, student_variant
 from .engines import cpu_summary
 from .evaluate import evaluate_pairs, flow_predictor, refined_predictor, validator
 from .io import InputError, write_csv
@@ -162,9 +162,8 @@ def train_teacher(config, subjects_csv, pairs_csv, model_out, loss_csv, checkpoi
 
 
 def student_settings(config: dict, variant: str) -> tuple[CascadeSpec, dict]:
-    train_cfg = student_train_settings(config, variant)  # checks the variant's name
-    students = config["students"]
-    return _spec("student", {**students.get("defaults", {}), **(students["variants"][variant] or {})}), train_cfg
+    settings = student_variant(config, variant)
+    return _spec("student", settings), settings["train"]
 
 
 def train_student(config, variant, subjects_csv, pairs_csv, flow_cache, model_out, loss_csv, checkpoint,

@@ -131,11 +131,10 @@ def run_agreement(accuracies: dict, tie: float = 0.005) -> tuple[pd.DataFrame, p
     for n in names:
         table[f"dice_{n}"] = dice[n].to_numpy()
         table[f"rank_{n}"] = dice[n].rank(ascending=False, method="min").astype(int).to_numpy()
-    first = names[0]
+    first, methods = names[0], list(dice.index)
     rows = []
     for n in names[1:]:
         swapped, ties = [], 0
-        methods = list(dice.index)
         for i, a in enumerate(methods):
             for b in methods[i + 1:]:
                 before, after = dice.at[a, first] - dice.at[b, first], dice.at[a, n] - dice.at[b, n]

@@ -28,6 +28,7 @@ import pandas as pd
 import torch
 import yaml
 
+from ldreg.config_checks import student_uses_teacher
 from ldreg.engines import cpu_summary
 from ldreg.evaluate import evaluate_pairs, summary, validator
 from ldreg.io import write_csv
@@ -74,8 +75,7 @@ def run_variant(name: str, override: dict, config: dict, sweep: dict, results: s
     cfg = TrainConfig.from_dict({"seed": config["seed"], **train_cfg})
     subjects, pairs = _data(results)
     images, train_pairs = _train_inputs(results / "data" / "subjects.csv", results / "data" / "pairs.csv")
-    uses_teacher = cfg.distillation != "none" or cfg.adversarial
-    cache = FlowCache(cache_path) if uses_teacher else None
+    cache = FlowCache(cache_path) if student_uses_teacher(config, name) else None
     spacing = config["preprocessing"]["spacing_mm"]
     validate = validator(subjects, pairs[pairs.split == "val"].head(config["evaluation"]["validation_pairs"]),
                          spacing, device)
