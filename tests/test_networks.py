@@ -191,7 +191,7 @@ def test_teacher_hinge_stops_pushing_once_the_student_scores_like_the_teacher():
     teacher = torch.full((1, 3, 8, 8, 8), 1.0)
     below = torch.full((1, 3, 8, 8, 8), 0.5, requires_grad=True)
     above = torch.full((1, 3, 8, 8, 8), 2.0, requires_grad=True)
-    loss = adversarial_loss(mean_critic, below, teacher=teacher)
+    loss = adversarial_loss(mean_critic, below, teacher=teacher, target="teacher")
     loss.backward()
     assert float(loss) == pytest.approx(0.5)
     # below the teacher's score it pulls exactly like the paper's -D(student)
@@ -199,18 +199,51 @@ def test_teacher_hinge_stops_pushing_once_the_student_scores_like_the_teacher():
     adversarial_loss(mean_critic, plain).backward()
     assert torch.allclose(below.grad, plain.grad) and below.grad.abs().sum() > 0
     # past it: no loss and no push
-    loss = adversarial_loss(mean_critic, above, teacher=teacher)
+    loss = adversarial_loss(mean_critic, above, teacher=teacher, target="teacher")
     loss.backward()
     assert float(loss) == 0 and above.grad.abs().sum() == 0
     # the same with a real critic, at the teacher's own field
     torch.manual_seed(0)
     critic, field = Critic(width=4), torch.randn(1, 3, 16, 16, 16)
     at_teacher = field.clone().requires_grad_(True)
-    loss = adversarial_loss(critic, at_teacher, teacher=field)
+    loss = adversarial_loss(critic, at_teacher, teacher=field, target="teacher")
     loss.backward()
     assert float(loss) == 0 and at_teacher.grad.abs().sum() == 0
     with pytest.raises(ValueError, match="adversarial_target"):
         TrainConfig.from_dict({"adversarial_target": "beyond"})
+
+
+def test_feature_matching_pulls_the_student_to_its_teacher_field_and_never_past_it():
+    from ldreg.losses import adversarial_loss
+
+    torch.manual_seed(0)
+    critic = Critic(width=4)
+    # a smooth field, as registration fields are (white noise would mostly fall in the null space
+    # of a stride-2 critic's features)
+    teacher = torch.nn.functional.interpolate(torch.randn(1, 3, 2, 2, 2) * 2, size=(16, 16, 16), mode="trilinear",
+                                              align_corners=True)
+    at_teacher = teacher.clone().requires_grad_(True)
+    loss = adversarial_loss(critic, at_teacher, teacher=teacher, target="features")
+    loss.backward()
+    assert float(loss) == pytest.approx(0.0, abs=1e-7) and float(at_teacher.grad.abs().max()) < 1e-6
+    # a field short of the teacher's (0.3x) and one past it (2x): descending the term brings both
+    # closer to the teacher's field, never further out (the unbounded -D(student) has no such point)
+    for start in (0.3 * teacher, 2.0 * teacher):
+        field = start.clone().requires_grad_(True)
+        optimiser = torch.optim.Adam([field], lr=0.05)
+        losses, distances = [], []
+        for _ in range(60):
+            optimiser.zero_grad()
+            loss = adversarial_loss(critic, field, teacher=teacher, target="features")
+            loss.backward()
+            optimiser.step()
+            losses.append(float(loss.detach()))
+            distances.append(float((field.detach() - teacher).norm()))
+        assert losses[-1] < 0.1 * losses[0]
+        assert distances[-1] < float((start - teacher).norm()) and distances[-1] == min(distances[10:])
+    with pytest.raises(ValueError, match="needs the pair's teacher field"):
+        adversarial_loss(critic, teacher, target="features")
+    assert TrainConfig.from_dict({"adversarial_target": "features"}).adversarial_target == "features"
 
 
 def test_unit_rms_critic_cannot_ask_the_student_for_a_bigger_field():

@@ -116,22 +116,48 @@ def critic_loss(critic, teacher: torch.Tensor, student: torch.Tensor, beta: floa
     return wasserstein + gp_weight * gradient_penalty(critic, teacher, student, beta, condition), wasserstein
 
 
-# how far the student's side of the game pulls: without bound (the paper's WGAN generator loss)
-# or only up to the score of its pair's teacher field
-ADVERSARIAL_TARGETS = ("unbounded", "teacher")
+# the student's side of the game: the critic's score without bound (the paper's WGAN generator
+# loss), only up to the score of its pair's teacher field, or the critic's feature maps of its pair's
+# teacher field matched (bounded below by zero: nothing to climb past the teacher)
+ADVERSARIAL_TARGETS = ("unbounded", "teacher", "features")
 
 
 def adversarial_loss(critic, student: torch.Tensor, critic_input: str = "raw",
-                     condition: torch.Tensor | None = None, teacher: torch.Tensor | None = None) -> torch.Tensor:
-    """The student's side of the game: ``-D(student)``, with its gradient flowing into the
-    student (the defect of the authors' release, where this term had none, is not repeated).
-    Given its pair's ``teacher`` field, the hinge ``max(0, D(teacher) - D(student))`` instead: the
-    student is pushed until the critic scores its field like the teacher's and no further (every
-    default-run ALDK student climbed the critic's score past the teacher fields' into fields no
-    gradient penalty had sampled)."""
+                     condition: torch.Tensor | None = None, teacher: torch.Tensor | None = None,
+                     target: str = "unbounded") -> torch.Tensor:
+    """The student's side of the game, with its gradient flowing into the student (the defect of
+    the authors' release, where this term had none, is not repeated). ``target`` 'unbounded':
+    ``-D(student)`` (the paper). 'teacher': the hinge ``max(0, D(teacher) - D(student))`` against
+    its pair's ``teacher`` field, pushed until the critic scores its field like the teacher's and
+    no further (every default-run ALDK student climbed the critic's score past the teacher
+    fields' into fields no gradient penalty had sampled). 'features':
+    :func:`feature_matching_loss` against the pair's teacher field."""
+    if target not in ADVERSARIAL_TARGETS:
+        raise ValueError(f"unknown adversarial target {target!r}: expected one of {ADVERSARIAL_TARGETS}")
+    if target != "unbounded" and teacher is None:
+        raise ValueError(f"adversarial target {target!r} needs the pair's teacher field")
+    if target == "features":
+        return feature_matching_loss(critic, student, teacher, critic_input, condition)
     score = critic(with_condition(critic_view(student, critic_input), condition))
-    if teacher is None:
+    if target == "unbounded":
         return -score.mean()
     with torch.no_grad():
-        target = critic(with_condition(critic_view(teacher, critic_input), condition))
-    return torch.relu(target - score).mean()
+        bound = critic(with_condition(critic_view(teacher, critic_input), condition))
+    return torch.relu(bound - score).mean()
+
+
+def feature_matching_loss(critic, student: torch.Tensor, teacher: torch.Tensor, critic_input: str = "raw",
+                          condition: torch.Tensor | None = None) -> torch.Tensor:
+    """Feature matching (Salimans et al. 2016; pix2pixHD's per-pair form): the critic's activation
+    maps of the student's field against those of its pair's teacher field, each layer's squared
+    difference relative to the teacher's squared activations, averaged over the layers. Zero when
+    the fields agree, so the student has nothing to gain past the teacher however the critic's
+    scores drift (a WGAN critic's scores are unbounded; its features are what it learned to tell
+    the two sets apart by), and scale-free as the critic's activations grow."""
+    check_field_batch("student field", student)
+    check_field_batch("teacher field", teacher, student.shape[2:])
+    ours = critic.feature_maps(with_condition(critic_view(student, critic_input), condition))
+    with torch.no_grad():
+        theirs = critic.feature_maps(with_condition(critic_view(teacher.to(student.dtype), critic_input), condition))
+    terms = [(a - b).pow(2).mean() / b.pow(2).mean().clamp_min(1e-8) for a, b in zip(ours, theirs)]
+    return torch.stack(terms).mean()

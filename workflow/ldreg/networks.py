@@ -262,6 +262,15 @@ class Critic(nn.Module):
         check_volume_batch("critic input", field, channels=self.in_channels)
         return self.score(self.features(field).mean(dim=(2, 3, 4))).squeeze(-1)
 
+    def feature_maps(self, field: torch.Tensor) -> list[torch.Tensor]:
+        """Every layer's activation map (the critic's learned description of a field)."""
+        check_volume_batch("critic input", field, channels=self.in_channels)
+        maps = []
+        for layer in self.features:
+            field = layer(field)
+            maps.append(field)
+        return maps
+
 
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

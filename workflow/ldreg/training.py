@@ -64,7 +64,8 @@ class TrainConfig:
     # estimate swung by tens within a few steps and the student followed it
     critic_history: int = 0
     # unbounded: the student's adversarial term is -D(student) (the paper); teacher: the hinge
-    # max(0, D(teacher) - D(student)), nothing to gain past the teacher field's score
+    # max(0, D(teacher) - D(student)), nothing to gain past the teacher field's score; features:
+    # the critic's activation maps of the pair's teacher field matched (losses.feature_matching_loss)
     adversarial_target: str = "unbounded"
     adversarial_ramp_steps: int = 0  # the adversarial weight grows linearly from 0 over these steps
     warmup_steps: int = 0  # learning rate grows linearly from 0 over these steps
@@ -197,8 +198,8 @@ def _loss_terms(model, out, moving, fixed, cfg: TrainConfig, teacher_flow=None, 
         total = total + cfg.distillation_weight * terms["distillation"]
     if cfg.adversarial:
         # ALDK: gamma * (1 - CorrCoef) + (1 - gamma) * adversarial (the paper: similarity_weight 1)
-        terms["adversarial"] = adversarial_loss(critic, out["flow"], cfg.critic_input, condition,
-                                                teacher_flow if cfg.adversarial_target == "teacher" else None)
+        terms["adversarial"] = adversarial_loss(critic, out["flow"], cfg.critic_input, condition, teacher_flow,
+                                                cfg.adversarial_target)
         if cfg.adversarial_normalise:
             terms["adversarial"] = terms["adversarial"] / math.sqrt(out["flow"][0].numel())
         total = (total + cfg.similarity_weight * cfg.gamma * terms["similarity"]
