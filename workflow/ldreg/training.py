@@ -328,7 +328,11 @@ def train(model: CascadedRegistration, pairs: pd.DataFrame, images: dict, cfg: T
         values = {k: float(v.detach()) for k, v in terms.items()}
         field_rms = float(out["flow"].detach().pow(2).sum(1).mean().sqrt())
         # checked before the update, so that no step of a diverging state reaches the weights
-        symptom = guard.step(values, field_rms, row.get("wasserstein"))
+        # a critic whose estimate runs away drags a student that climbs its score; a student that
+        # matches its features (adversarial_target: features) has nothing to climb, and halving
+        # its rate for the critic's swings only starves it (aldk_features.yaml: 3 remedies by step 103)
+        watched_critic = None if cfg.adversarial_target == "features" else row.get("wasserstein")
+        symptom = guard.step(values, field_rms, watched_critic)
         if symptom is None:
             optimiser.zero_grad(set_to_none=True)
             terms["loss"].backward()
