@@ -70,3 +70,19 @@ def test_the_real_answer_follows_proc_cpuinfo(monkeypatch):
     flags = engines._cpuinfo()[1]
     assert engines.bf16_units() == bool({"amx_bf16", "avx512_bf16"} & flags)
     assert engines.cpu_features()["avx2"] == ("avx2" in flags)
+
+
+def test_a_onednn_isa_cap_below_bf16_means_bf16_is_emulated(monkeypatch):
+    monkeypatch.delenv(engines.FORCE_BF16_ENV, raising=False)
+    monkeypatch.setattr(engines, "_cpuinfo", lambda: ("a bf16 CPU", frozenset({"avx2", "avx512f", "avx512_bf16"})))
+    monkeypatch.delenv(engines.ONEDNN_ISA_ENV, raising=False)
+    assert engines.bf16_units() and engines.precision_native("bfloat16")
+    monkeypatch.setenv(engines.ONEDNN_ISA_ENV, "avx2")
+    assert not engines.bf16_units() and not engines.precision_native("bfloat16")
+    assert engines.native_engines(["float32", "bfloat16_cl"])[0] == ["float32"]
+    assert "no bf16 units" in engines.cpu_summary() and "oneDNN held to avx2" in engines.cpu_summary()
+    monkeypatch.setenv(engines.ONEDNN_ISA_ENV, "AVX512_CORE_AMX")  # a cap above bf16 takes nothing away
+    assert engines.bf16_units()
+    monkeypatch.setenv(engines.FORCE_BF16_ENV, "1")  # the explicit override still wins
+    monkeypatch.setenv(engines.ONEDNN_ISA_ENV, "AVX2")
+    assert engines.bf16_units()

@@ -7,7 +7,9 @@ emulates it, 10-20x slower than float32 (one 16-channel 3x3x3 conv at 32^3 on an
 0.09 s float32, 1.45 s bfloat16), so an emulated engine is never run: it is skipped with a note.
 
 ``LDREG_BF16_UNITS=1`` (or ``0``) forces the answer: for tests, and for a user who knows better
-than /proc/cpuinfo (a hypervisor hiding flags). Subprocesses inherit it.
+than /proc/cpuinfo (a hypervisor hiding flags). Subprocesses inherit it. oneDNN's own cap,
+``ONEDNN_MAX_CPU_ISA``, is honoured too: held below AVX512_CORE_BF16 (``AVX2``, say, to see what an
+AVX2-only CPU would do), oneDNN emulates bf16 whatever the CPU has, so bf16 counts as emulated.
 """
 from __future__ import annotations
 
@@ -23,6 +25,10 @@ log = logging.getLogger(__name__)
 ENGINES = {"float32": ("float32", False), "float32_cl": ("float32", True), "bfloat16_cl": ("bfloat16", True)}
 FORCE_BF16_ENV = "LDREG_BF16_UNITS"
 _BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) below the first with bf16 dot products
+ONEDNN_ISA_ENV = "ONEDNN_MAX_CPU_ISA"
+_ISAS_WITHOUT_BF16 = frozenset({"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE",
+                                "AVX512_CORE_VNNI"})
 
 
 @functools.lru_cache(maxsize=1)
@@ -60,6 +66,8 @@ def bf16_units() -> bool:
         if forced.strip() not in ("0", "1"):
             raise ValueError(f"{FORCE_BF16_ENV} must be 0 or 1, got {forced!r}")
         return forced.strip() == "1"
+    if os.environ.get(ONEDNN_ISA_ENV, "").strip().upper() in _ISAS_WITHOUT_BF16:
+        return False
     return any(flag in _cpuinfo()[1] for flag in _BF16_FLAGS)
 
 
@@ -69,6 +77,9 @@ def cpu_summary() -> str:
     feats = cpu_features()
     words = [("" if feats[k] else "no ") + k.replace("_", " ") for k in ("avx2", "avx512", "amx", "bf16_units")]
     forced = " (bf16 answer forced by LDREG_BF16_UNITS)" if os.environ.get(FORCE_BF16_ENV, "").strip() else ""
+    isa = os.environ.get(ONEDNN_ISA_ENV, "").strip()
+    if isa:
+        forced += f" (oneDNN held to {isa})"
     return f"{cpu_name()} [{', '.join(words)}]{forced}"
 
 
