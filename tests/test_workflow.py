@@ -154,7 +154,7 @@ def test_speed_profile_covers_every_native_configuration_and_guards_accuracy(tin
     native, skipped = native_engines(["float32", "bfloat16_cl"])
     notes = table[table.total_s.isna()]
     assert sorted(zip(notes.model, notes.engine)) == sorted((m, e) for m in ("teacher", "student_aldk") for e in skipped)
-    assert notes.accuracy_note.str.contains("emulated").all()
+    assert notes.accuracy_note.astype(str).str.contains("emulated").all()
     profile = table[table.total_s.notna()]
     assert set(profile.model) == {"teacher", "student_aldk"} and set(profile.engine) == set(native)
     # inputs on the model's grid and one scan at its own resolution (tiny config: 40x48x40 at 1.5 mm)
@@ -177,7 +177,8 @@ def test_speed_profile_covers_every_native_configuration_and_guards_accuracy(tin
     measured = machine[machine.gflops_per_s.notna()]
     assert (measured.gflops_per_s > 0).all() and "float32" in set(measured.dtype)
     assert (machine.dtype == "bfloat16").any()  # measured, or a row saying why not
-    assert machine[machine.gflops_per_s.isna()].note.str.contains("emulated").all()
+    skipped_ops = machine[machine.gflops_per_s.isna()]  # none on a CPU with bf16 units: no note to read
+    assert skipped_ops.note.astype(str).str.contains("emulated").all()
 
 
 def test_forcing_one_variant_reruns_only_it_and_its_dependents(tiny_run):
