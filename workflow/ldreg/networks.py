@@ -259,11 +259,11 @@ class Critic(nn.Module):
                 nn.utils.parametrizations.spectral_norm(layer)
 
     def forward(self, field: torch.Tensor) -> torch.Tensor:
-        check_volume_batch("critic input", field, channels=self.in_channels)
-        return self.score(self.features(field).mean(dim=(2, 3, 4))).squeeze(-1)
+        return self.score(self.feature_maps(field)[-1].mean(dim=(2, 3, 4))).squeeze(-1)
 
     def feature_maps(self, field: torch.Tensor) -> list[torch.Tensor]:
-        """Every layer's activation map (the critic's learned description of a field)."""
+        """Every layer's activation map (the critic's learned description of a field); the score
+        is read from the last."""
         check_volume_batch("critic input", field, channels=self.in_channels)
         maps = []
         for layer in self.features:
