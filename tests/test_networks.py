@@ -353,6 +353,53 @@ def test_critic_batch_grows_with_its_history_of_student_fields(tmp_path, monkeyp
         TrainConfig.from_dict({"critic_history": -1})
 
 
+def test_teacher_region_keeps_the_teacher_field_where_the_fixed_image_has_signal(tmp_path, monkeypatch):
+    import ldreg.training as training
+    from ldreg.losses import FOREGROUND_MARGIN, foreground_region
+
+    image, _ = blob_volume((24, 24, 24), centre=[12, 12, 12], radius=5)
+    fixed = torch.from_numpy(image)[None, None]
+    region = foreground_region(fixed)
+    inside = torch.from_numpy(image > 0.1)[None, None]
+    # the image's foreground, grown by the margin, and nothing far from it
+    assert bool(region[inside].eq(1).all()) and float(region.mean()) < 0.5
+    assert float(region[..., 12, 12, 12 + 5 + FOREGROUND_MARGIN]) == 1 and float(region[..., 0, 0, 0]) == 0
+    # distillation counts the error inside only, as a mean over the region's voxels
+    teacher = torch.zeros(1, 3, 24, 24, 24)
+    outside_error = torch.zeros_like(teacher)
+    outside_error[:, 0] = 2.0 * (1 - region[:, 0])
+    assert float(distillation_loss(outside_error, teacher, "epe")) > 0
+    assert float(distillation_loss(outside_error, teacher, "epe", region)) == pytest.approx(0, abs=1e-4)
+    inside_error = torch.zeros_like(teacher)
+    inside_error[:, 1] = 3.0 * region[:, 0]
+    assert float(distillation_loss(inside_error, teacher, "l2", region)) == pytest.approx(3.0, rel=1e-5)
+    with pytest.raises(ValueError, match="region"):
+        distillation_loss(inside_error, teacher, "l2", region[:, :, :8])
+    # in training the critic sees both fields zeroed outside the fixed image's region
+    images, _, pairs = _shifted_pairs(shape=(16, 16, 16))
+    pairs = pairs.head(1)  # one fixed image, hence one region
+    teachers = {r.pair_id: torch.full((1, 3, 16, 16, 16), 0.5) for r in pairs.itertuples()}
+    seen = []
+    real = training.critic_loss
+
+    def spy(critic, t, s, *args):
+        seen.append((t, s))
+        return real(critic, t, s, *args)
+
+    monkeypatch.setattr(training, "critic_loss", spy)
+    cfg = TrainConfig(steps=2, adversarial=True, adversarial_target="features", critic_steps=1, critic_width=4,
+                      teacher_region="foreground", distillation="epe", distillation_weight=0.1)
+    _, losses, _, _ = train(build_network(CascadeSpec(kind="student", width=4, depth=3, affine=False)), pairs, images,
+                            cfg, tmp_path / "r.ckpt", flow_cache=_Cache(teachers), show_progress=False)
+    t, s = seen[0]
+    background = foreground_region(images[pairs.fixed.iloc[0]]) == 0
+    assert bool(background.any()) and float(t[background.expand_as(t)].abs().max()) == 0
+    assert float(s[background.expand_as(s)].abs().max()) == 0 and float(t.abs().max()) == 0.5
+    assert np.isfinite(losses.distillation).all() and np.isfinite(losses.adversarial).all()
+    with pytest.raises(ValueError, match="teacher_region"):
+        TrainConfig.from_dict({"teacher_region": "brain"})
+
+
 def test_a_seeded_network_starts_from_the_same_weights():
     spec = CascadeSpec(kind="student", width=4, depth=3)
     a, b, c = build_network(spec, seed=3), build_network(spec, seed=3), build_network(spec, seed=4)

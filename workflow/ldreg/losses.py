@@ -53,17 +53,45 @@ def affine_losses(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return ((det - 1) ** 2).mean(), (eig + 1 / eig - 2).sum(1).mean()
 
 
-def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "l2") -> torch.Tensor:
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "l2",
+                      region: torch.Tensor | None = None) -> torch.Tensor:
     """Direct distillation to the teacher's field: mean squared error ('l2') or mean end-point
-    error ('epe', the Euclidean length of the difference vector)."""
+    error ('epe', the Euclidean length of the difference vector); with a ``region`` (B, 1, D, H, W)
+    of 0/1, the mean over its voxels only (see :func:`foreground_region`)."""
     check_field_batch("student field", student)
     check_field_batch("teacher field", teacher, student.shape[2:])
     diff = student - teacher.to(student.dtype)
     if kind == "l2":
-        return (diff**2).mean()
-    if kind == "epe":
-        return torch.sqrt((diff**2).sum(1) + 1e-9).mean()
-    raise ValueError(f"unknown distillation loss {kind!r}: expected 'l2' or 'epe'")
+        per_voxel = (diff**2).mean(1, keepdim=True)
+    elif kind == "epe":
+        per_voxel = torch.sqrt((diff**2).sum(1, keepdim=True) + 1e-9)
+    else:
+        raise ValueError(f"unknown distillation loss {kind!r}: expected 'l2' or 'epe'")
+    if region is None:
+        return per_voxel.mean()
+    if region.shape != per_voxel.shape:
+        raise ValueError(f"region {tuple(region.shape)} must be {tuple(per_voxel.shape)} (one channel per field)")
+    return (per_voxel * region).sum() / region.sum().clamp_min(1)
+
+
+# where the teacher's field is worth learning: the fixed image above this fraction of its range
+# (the preprocessing's foreground rule), grown by this many voxels so the field that moves the
+# brain's edge counts too (at 48x64x48: 67 % of the grid, every labelled voxel inside)
+FOREGROUND_FRACTION, FOREGROUND_MARGIN = 0.1, 2
+
+
+def foreground_region(fixed: torch.Tensor) -> torch.Tensor:
+    """0/1 mask (B, 1, D, H, W) of where ``fixed`` has signal. Outside it no image term
+    constrains a field, so a teacher's field there is whatever its smoothness left: a student
+    taught to copy it spends capacity on nothing the images can check (measured: direct
+    distillation cut the student's background error 1.59 -> 0.98 voxels, the brain's 1.25 -> 1.22,
+    and lost Dice)."""
+    check_volume_batch("fixed", fixed)
+    lo = fixed.amin(dim=(1, 2, 3, 4), keepdim=True)
+    hi = fixed.amax(dim=(1, 2, 3, 4), keepdim=True)
+    mask = (fixed > lo + FOREGROUND_FRACTION * (hi - lo)).to(fixed.dtype)
+    k = 2 * FOREGROUND_MARGIN + 1
+    return torch.nn.functional.max_pool3d(mask, k, stride=1, padding=FOREGROUND_MARGIN)
 
 
 def gradient_penalty(critic, teacher: torch.Tensor, student: torch.Tensor, beta: float | None,

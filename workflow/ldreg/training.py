@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from .io import InputError, atomic_path, write_csv
-from .losses import (ADVERSARIAL_TARGETS, CRITIC_CONDITIONS, CRITIC_INPUTS, adversarial_loss, affine_losses, critic_loss, distillation_loss, similarity_loss,
+from .losses import (ADVERSARIAL_TARGETS, CRITIC_CONDITIONS, CRITIC_INPUTS, adversarial_loss, affine_losses, critic_loss, distillation_loss, foreground_region, similarity_loss,
                      smoothness_loss)
 from .guard import DivergenceGuard, TrainingDiverged
 from .networks import CascadedRegistration, Critic
@@ -25,6 +25,9 @@ from .optimise import optimise_field
 from .progress import progress
 
 log = logging.getLogger(__name__)
+
+
+TEACHER_REGIONS = ("all", "foreground")
 
 
 @dataclass
@@ -68,6 +71,10 @@ class TrainConfig:
     # the critic's activation maps of the pair's teacher field matched (losses.feature_matching_loss)
     adversarial_target: str = "unbounded"
     adversarial_ramp_steps: int = 0  # the adversarial weight grows linearly from 0 over these steps
+    # where the teacher's field is learnt from (distillation and critic): all (the paper) |
+    # foreground (losses.foreground_region of the fixed image; the critic sees both fields zeroed
+    # outside it)
+    teacher_region: str = "all"
     warmup_steps: int = 0  # learning rate grows linearly from 0 over these steps
     lr_schedule: str = "constant"  # constant | cosine (to lr_min_fraction * lr at the last step)
     lr_min_fraction: float = 0.05
@@ -94,6 +101,8 @@ class TrainConfig:
             raise ValueError(f"critic_condition must be one of {CRITIC_CONDITIONS}, got {cfg.critic_condition!r}")
         if cfg.adversarial_target not in ADVERSARIAL_TARGETS:
             raise ValueError(f"adversarial_target must be one of {ADVERSARIAL_TARGETS}, got {cfg.adversarial_target!r}")
+        if cfg.teacher_region not in TEACHER_REGIONS:
+            raise ValueError(f"teacher_region must be one of {TEACHER_REGIONS}, got {cfg.teacher_region!r}")
         if cfg.critic_history < 0:
             raise ValueError(f"critic_history must be >= 0, got {cfg.critic_history}")
         if cfg.lr_schedule not in ("constant", "cosine"):
@@ -183,8 +192,16 @@ def _critic_condition(cfg: TrainConfig, moving, fixed):
     return torch.cat([moving, fixed], 1) if cfg.critic_condition == "pair" else None
 
 
+def _teacher_region(cfg: TrainConfig, fixed):
+    return foreground_region(fixed) if cfg.teacher_region == "foreground" else None
+
+
+def _in_region(field, region):
+    return field if region is None or field is None else field * region
+
+
 def _loss_terms(model, out, moving, fixed, cfg: TrainConfig, teacher_flow=None, critic=None, adv_scale: float = 1.0,
-                condition=None):
+                condition=None, region=None):
     terms = {"similarity": similarity_loss(cfg.similarity, out["warped"], fixed)}
     dense = out["fields"][1:] if model.affine is not None else out["fields"]
     terms["smoothness"] = sum(smoothness_loss(f) for f in dense) / max(len(dense), 1)
@@ -194,12 +211,12 @@ def _loss_terms(model, out, moving, fixed, cfg: TrainConfig, teacher_flow=None, 
         terms["affine_det"], terms["affine_ortho"] = det, ortho
         total = total + cfg.affine_det_weight * det + cfg.affine_ortho_weight * ortho
     if cfg.distillation != "none":
-        terms["distillation"] = distillation_loss(out["flow"], teacher_flow, cfg.distillation)
+        terms["distillation"] = distillation_loss(out["flow"], teacher_flow, cfg.distillation, region)
         total = total + cfg.distillation_weight * terms["distillation"]
     if cfg.adversarial:
         # ALDK: gamma * (1 - CorrCoef) + (1 - gamma) * adversarial (the paper: similarity_weight 1)
-        terms["adversarial"] = adversarial_loss(critic, out["flow"], cfg.critic_input, condition, teacher_flow,
-                                                cfg.adversarial_target)
+        terms["adversarial"] = adversarial_loss(critic, _in_region(out["flow"], region), cfg.critic_input, condition,
+                                                _in_region(teacher_flow, region), cfg.adversarial_target)
         if cfg.adversarial_normalise:
             terms["adversarial"] = terms["adversarial"] / math.sqrt(out["flow"][0].numel())
         total = (total + cfg.similarity_weight * cfg.gamma * terms["similarity"]
@@ -305,12 +322,13 @@ def train(model: CascadedRegistration, pairs: pd.DataFrame, images: dict, cfg: T
             group["lr"] = lr
         row = {"step": step + 1, "lr": lr}
         condition = _critic_condition(cfg, moving, fixed)  # what the critic sees beside the field, both sides
+        region = _teacher_region(cfg, fixed) if flow_cache is not None else None
         if critic is not None:
             for group in critic_opt.param_groups:
                 group["lr"] = cfg.critic_lr * lr_factor
             with torch.no_grad():
                 student_flow = model(moving, fixed)["flow"]
-            samples = [(student_flow, teacher_flow, condition)]
+            samples = [(_in_region(student_flow, region), _in_region(teacher_flow, region), condition)]
             if cfg.critic_history:
                 samples += list(history)
                 history.appendleft(samples[0])
@@ -324,7 +342,8 @@ def train(model: CascadedRegistration, pairs: pd.DataFrame, images: dict, cfg: T
                 critic_opt.step()
             row["critic"], row["wasserstein"] = float(d_loss.detach()), float(wasserstein.detach())
         out = model(moving, fixed)
-        terms = _loss_terms(model, out, moving, fixed, cfg, teacher_flow, critic, cfg.adversarial_scale(step), condition)
+        terms = _loss_terms(model, out, moving, fixed, cfg, teacher_flow, critic, cfg.adversarial_scale(step), condition,
+                            region)
         values = {k: float(v.detach()) for k, v in terms.items()}
         field_rms = float(out["flow"].detach().pow(2).sum(1).mean().sqrt())
         # checked before the update, so that no step of a diverging state reaches the weights
