@@ -155,8 +155,17 @@ def test_speed_profile_covers_every_native_configuration_and_guards_accuracy(tin
     notes = table[table.total_s.isna()]
     assert sorted(zip(notes.model, notes.engine)) == sorted((m, e) for m in ("teacher", "student_aldk") for e in skipped)
     assert notes.accuracy_note.astype(str).str.contains("emulated").all()
-    profile = table[table.total_s.notna()]
+    ants = table[table.model == "peer_ants_syn"]
+    profile = table[table.total_s.notna() & (table.model != "peer_ants_syn")]
     assert set(profile.model) == {"teacher", "student_aldk"} and set(profile.engine) == set(native)
+    # ANTs SyN end to end on every input and thread count (tiny config: ants_repeats 1); each row's
+    # speed-up refers to the ANTs row of its own input and threads
+    assert sorted(zip(ants.input, ants.threads)) == sorted(set(zip(profile.input, profile.threads)))
+    assert (ants[["preprocess_s", "network_s", "warp_s", "write_s"]] > 0).all().all()
+    np.testing.assert_allclose(ants.speedup_vs_ants_syn, 1.0)
+    for row in profile.itertuples():
+        match = ants[(ants.input == row.input) & (ants.threads == row.threads)].total_s.iloc[0]
+        assert row.speedup_vs_ants_syn == pytest.approx(match / row.total_s)
     # inputs on the model's grid and one scan at its own resolution (tiny config: 40x48x40 at 1.5 mm)
     assert sorted(profile.input.unique()) == ["40x48x40 at 1.5 mm", "on the model grid"]
     assert len(profile) == 2 * len(native) * profile.threads.nunique() * 2

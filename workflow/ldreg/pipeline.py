@@ -350,7 +350,8 @@ def speed_profile(config, model_paths: dict, subjects_csv, pairs_csv, profile_cs
     table, machine = profile(model_paths, sp["engines"], grids, counts, repeats, sp["warmup"],
                              pd.read_csv(subjects_csv), pairs[pairs.split == "test"],
                              config["preprocessing"]["spacing_mm"], sp["reference_engine"], sp["baseline_model"],
-                             sp.get("reference_model"), config["seed"], sp.get("native_inputs", []))
+                             sp.get("reference_model"), config["seed"], sp.get("native_inputs", []),
+                             sp.get("ants_repeats", 0))
     log.info("\n%s", table[["model", "engine", "grid", "input", "threads", "total_s", "network_s", "peak_rss_mb",
                              "dice"]].to_string())
     write_table(table, Path(profile_csv).with_suffix(""))

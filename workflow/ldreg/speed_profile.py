@@ -1,9 +1,9 @@
 """Where the CPU time of registering one pair goes, per model and inference engine.
 
 Every configuration (model x engine x grid x threads) runs the ``register`` path of
-:mod:`ldreg.register` in a fresh interpreter (so its peak memory is its own) on random NIfTI
-inputs that lie on the model's grid, and, for each ``native_inputs`` entry, on inputs of a
-scan's own shape and spacing (e.g. 154x188x154 at 1 mm), which the model's preprocessed grid
+:mod:`ldreg.register` in a fresh interpreter (so its peak memory is its own) on a brain pair
+(the embedded template and a rigidly moved copy, as NIfTI files) that lies on the model's grid,
+and, for each ``native_inputs`` entry, on a pair of a scan's own shape and spacing (e.g. 154x188x154 at 1 mm), which the model's preprocessed grid
 receives and the outputs go back to: stages preprocess (read, check, normalise, place on the
 grid), network, warp (field to the fixed grid; image and labels warped), write (warped image,
 labels and field as .nii), median of ``repeats`` runs after ``warmup``. Writing .nii.gz is
@@ -28,6 +28,7 @@ import torch
 from .engines import cpu_summary, engine_spec, native_engines, precision_native, skip_reason
 from .evaluate import evaluate_pairs, flow_predictor, registration_flag, summary
 from .networks import complexity
+from .peers import ANTS_AVAILABLE, ants_missing_note
 from .register import Registrar, write_outputs
 from .timing import peak_rss_mb, run_isolated, time_calls
 
@@ -71,14 +72,38 @@ def machine_throughput(threads: int, repeats: int = 3, channels: int = 64, size:
     return rows
 
 
-def _random_inputs(folder: Path, grid, spacing: float, seed: int) -> dict:
-    """Random moving/fixed images and moving labels (35 structures) of shape ``grid``."""
+def _profile_inputs(folder: Path, shape, spacing: float, seed: int) -> dict:
+    """A brain pair of ``shape`` at ``spacing`` mm: the embedded MNI152 template (fixed) and the
+    template moved rigidly by a few degrees and millimetres (moving, with its Desikan-Killiany
+    labels). A brain, not noise: an iterative method such as ANTs SyN runs until it converges,
+    and on noise it has nothing to converge on (it failed outright on smoothed noise)."""
+    from .data import embedded_atlas_paths, resample_to_grid
+
+    image_path, labels_path = embedded_atlas_paths()
+    atlas, atlas_labels = nib.load(image_path), nib.load(labels_path)
+    corners = np.array(atlas.shape) - 1
+    centre = nib.affines.apply_affine(atlas.affine, corners / 2)
+    target = np.diag([spacing] * 3 + [1.0])
+    target[:3, 3] = centre - spacing * (np.array(shape) - 1) / 2
     rng = np.random.default_rng(seed)
-    affine = np.diag([spacing] * 3 + [1.0])
+    angles = np.deg2rad(rng.uniform(-3, 3, 3))
+    rotation = np.eye(4)
+    for axis, angle in enumerate(angles):
+        c, s_ = np.cos(angle), np.sin(angle)
+        i, j = [a for a in range(3) if a != axis]
+        step = np.eye(4)
+        step[[i, i, j, j], [i, j, i, j]] = [c, -s_, s_, c]
+        rotation = rotation @ step
+    motion = np.eye(4)  # a rigid motion about the brain's centre
+    motion[:3, :3] = rotation[:3, :3]
+    motion[:3, 3] = centre - rotation[:3, :3] @ centre + rng.uniform(-3, 3, 3)
+    image = np.asarray(atlas.dataobj, dtype=np.float32)
     paths = {"moving": folder / "moving.nii", "fixed": folder / "fixed.nii", "labels": folder / "moving_labels.nii"}
-    for key in ("moving", "fixed"):
-        nib.save(nib.Nifti1Image(rng.random(grid, dtype=np.float32), affine), paths[key])
-    nib.save(nib.Nifti1Image(rng.integers(0, 36, grid).astype(np.int16), affine), paths["labels"])
+    nib.save(nib.Nifti1Image(resample_to_grid(image, atlas.affine, shape, target), target), paths["fixed"])
+    nib.save(nib.Nifti1Image(resample_to_grid(image, atlas.affine, shape, motion @ target), target), paths["moving"])
+    labels = resample_to_grid(np.asarray(atlas_labels.dataobj).astype(np.int16), atlas_labels.affine, shape,
+                              motion @ target, order=0)
+    nib.save(nib.Nifti1Image(labels, target), paths["labels"])
     return paths
 
 
@@ -94,7 +119,7 @@ def profile_one(model_path: str, engine: str, grid, threads: int, repeats: int, 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         shape, spacing = (grid, registrar.prep.spacing_mm) if native is None else (native["shape"], native["spacing_mm"])
-        paths = _random_inputs(tmp, tuple(shape), spacing, seed)
+        paths = _profile_inputs(tmp, tuple(shape), spacing, seed)
         outputs = {"warped_path": tmp / "warped.nii", "field_path": tmp / "field.nii",
                    "warped_labels_path": tmp / "warped_labels.nii"}
         runs = []
@@ -113,6 +138,29 @@ def profile_one(model_path: str, engine: str, grid, threads: int, repeats: int, 
     row.update({"total_s": statistics.median(totals), "total_min_s": min(totals), "write_nii_gz_s": write_gz,
                 "peak_rss_mb": peak_rss_mb()})
     return row
+
+
+def profile_ants(grid, threads: int, repeats: int, warmup: int, seed: int = 0, native: dict | None = None,
+                 spacing: float = 1.0) -> dict:
+    """ANTs SyN end to end on the same inputs as :func:`profile_one` (stages as there, see
+    :func:`ldreg.peers.ants_register_files`); run it isolated (ITK reads its thread count once)."""
+    from .peers import ants_register_files
+
+    shape, spacing = (tuple(grid), spacing) if native is None else (tuple(native["shape"]), native["spacing_mm"])
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = _profile_inputs(Path(tmp), shape, spacing, seed)
+        for i in range(warmup + repeats):
+            times = ants_register_files(paths["moving"], paths["fixed"], paths["labels"], tmp, threads)
+            if i >= warmup:
+                runs.append(times)
+    totals = [sum(r[s] for s in STAGES) for r in runs]
+    row = {f"{s}_s": statistics.median(r[s] for r in runs) for s in STAGES}
+    row.update({"total_s": statistics.median(totals), "total_min_s": min(totals), "peak_rss_mb": peak_rss_mb()})
+    return row
+
+
+ANTS = "peer_ants_syn"
 
 
 def count_flops(model_path: str, grid) -> dict:
@@ -139,6 +187,11 @@ def engine_scores(model_path, engine: str, subjects: pd.DataFrame, test_pairs: p
 ON_GRID = "on the model grid"
 
 
+def _frozen(native: dict | None):
+    """A native input as a hashable key (None stays None)."""
+    return None if native is None else tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in sorted(native.items()))
+
+
 def input_label(native: dict | None) -> str:
     """The profile table's ``input`` column: where the pair's images lie."""
     if native is None:
@@ -160,7 +213,7 @@ def plan(models, engines, grids, thread_counts, native_inputs=()) -> tuple[list[
 def speed_profile(models: dict, engines, grids, thread_counts, repeats: int, warmup: int, subjects: pd.DataFrame,
                   test_pairs: pd.DataFrame, spacing: float, reference: str, baseline_model: str,
                   reference_model: str | None = None, seed: int = 0,
-                  native_inputs=()) -> tuple[pd.DataFrame, pd.DataFrame]:
+                  native_inputs=(), ants_repeats: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The profile table and the machine-throughput table.
 
     ``reference`` is the engine every other engine's Dice is compared with (same model);
@@ -168,7 +221,9 @@ def speed_profile(models: dict, engines, grids, thread_counts, repeats: int, war
     engine, same grid and threads); ``reference_model`` (in the reference engine) is what a
     faster architecture's Dice is compared with (the full-resolution student). Engines this
     CPU would emulate are not run (:mod:`ldreg.engines`): they appear as note rows.
-    ``native_inputs`` ({shape, spacing_mm} each) add rows for scans at their own resolution."""
+    ``native_inputs`` ({shape, spacing_mm} each) add rows for scans at their own resolution.
+    ``ants_repeats`` > 0: ANTs SyN is timed as many times on every input and thread count
+    (rows ``peer_ants_syn``; each row's ``speedup_vs_ants_syn`` refers to it)."""
     configs, skipped_rows = plan(models, engines, grids, thread_counts, native_inputs)
     if not precision_native(engine_spec(reference)[0]):
         log.warning("reference engine %s %s; float32 is the reference instead", reference, skip_reason(engine_spec(reference)[0]))
@@ -210,12 +265,27 @@ def speed_profile(models: dict, engines, grids, thread_counts, repeats: int, war
                      "machine_conv3d_gflops_per_s": best.gflops_per_s.max(),
                      "dice": dice[(name, engine)], "dice_change_vs_reference": dice[(name, engine)] - dice[(name, reference)],
                      "repeats": repeats, "warmup": warmup, "seed": seed})
+    if ants_repeats and not ANTS_AVAILABLE:
+        log.warning("ANTs SyN not timed: %s", ants_missing_note())
+        skipped_rows.append({"model": ANTS, "accuracy_note": ants_missing_note()})
+    elif ants_repeats:
+        for grid, threads, native in dict.fromkeys((c[2], c[3], _frozen(c[4])) for c in configs):
+            native = dict(native) if native else None
+            t = time.perf_counter()
+            res = run_isolated("ldreg.speed_profile:profile_ants", grid=list(grid), threads=threads, repeats=ants_repeats,
+                               warmup=0, seed=seed, native=native, spacing=spacing)
+            log.info("%s, inputs %s, %d thread(s): %.2f s a pair (profiled in %.0f s)", ANTS, input_label(native), threads,
+                     res["total_s"], time.perf_counter() - t)
+            rows.append({"model": ANTS, "engine": "ants", "grid": "x".join(map(str, grid)), "input": input_label(native),
+                         "threads": threads, **res, "repeats": ants_repeats, "warmup": 0, "seed": seed})
     table = pd.DataFrame(rows)
     table["fraction_of_machine"] = table.achieved_gflops_per_s / table.machine_conv3d_gflops_per_s
     base = table[(table.model == baseline_model) & (table.engine == reference)].set_index(["grid", "input", "threads"])
     key = list(zip(table.grid, table.input, table.threads))
     table["speedup_vs_baseline"] = [base.total_s.get(k, np.nan) for k in key] / table.total_s
     table["network_speedup_vs_baseline"] = [base.network_s.get(k, np.nan) for k in key] / table.network_s
+    ants = table[table.model == ANTS].set_index(["grid", "input", "threads"])
+    table["speedup_vs_ants_syn"] = [ants.total_s.get(k, np.nan) for k in key] / table.total_s
     notes = np.where(table.dice_change_vs_reference < -DICE_TOLERANCE,
                      f"loses more than {DICE_TOLERANCE} Dice against {reference}", "")
     if reference_model:
@@ -230,7 +300,7 @@ def speed_profile(models: dict, engines, grids, thread_counts, repeats: int, war
     table.insert(1, "cpu", cpu)
     order = ["model", "cpu", "engine", "grid", "input", "threads", "total_s", "total_min_s", *[f"{s}_s" for s in STAGES],
              "write_nii_gz_s", "peak_rss_mb", "gflops", "achieved_gflops_per_s", "machine_conv3d_gflops_per_s",
-             "fraction_of_machine", "speedup_vs_baseline", "network_speedup_vs_baseline", "dice",
+             "fraction_of_machine", "speedup_vs_baseline", "network_speedup_vs_baseline", "speedup_vs_ants_syn", "dice",
              "identity_dice", "dice_change_vs_reference", *(["dice_change_vs_reference_model"] if reference_model else []),
              "accuracy_note", "repeats", "warmup", "seed"]
     return table.reindex(columns=order), machine
