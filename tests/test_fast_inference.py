@@ -168,9 +168,13 @@ def test_profile_one_times_every_stage(tmp_path):
     assert all(native[f"{s}_s"] > 0 for s in STAGES)
     scan = Registrar(model_path)
     with tempfile.TemporaryDirectory() as tmp:
-        from ldreg.speed_profile import _random_inputs
+        from ldreg.speed_profile import _profile_inputs
 
-        paths = _random_inputs(Path(tmp), (40, 48, 44), 1.0, 0)
+        paths = _profile_inputs(Path(tmp), (40, 48, 44), 1.0, 0)
+        # a brain pair: the template and a rigidly moved copy, with labels of the moved copy
+        fixed, moving = (np.asarray(nib.load(paths[k]).dataobj) for k in ("fixed", "moving"))
+        labels = np.asarray(nib.load(paths["labels"]).dataobj)
+        assert (fixed > 0).mean() > 0.2 and not np.allclose(fixed, moving) and len(np.unique(labels)) > 10
         result = scan.register(paths["moving"], paths["fixed"], paths["labels"])
     assert result["warped"].shape == (40, 48, 44) and result["field"].shape[-3:] == (40, 48, 44)
 
