@@ -3,8 +3,8 @@
 Every configuration (model x engine x grid x threads) runs the ``register`` path of
 :mod:`ldreg.register` in a fresh interpreter (so its peak memory is its own) on a brain pair
 (the embedded template and a rigidly moved copy, as NIfTI files) that lies on the model's grid,
-and, for each ``native_inputs`` entry, on a pair of a scan's own shape and spacing (e.g. 154x188x154 at 1 mm), which the model's preprocessed grid
-receives and the outputs go back to: stages preprocess (read, check, normalise, place on the
+and, for each ``native_inputs`` entry, on a pair of a scan's own shape and spacing (e.g.
+154x188x154 at 1 mm), which the model's preprocessed grid receives and the outputs go back to: stages preprocess (read, check, normalise, place on the
 grid), network, warp (field to the fixed grid; image and labels warped), write (warped image,
 labels and field as .nii), median of ``repeats`` runs after ``warmup``. Writing .nii.gz is
 timed once on the side: gzip is single-threaded and would otherwise hide everything else.
@@ -107,6 +107,13 @@ def _profile_inputs(folder: Path, shape, spacing: float, seed: int) -> dict:
     return paths
 
 
+def _stage_summary(runs: list[dict]) -> dict:
+    """Median of each stage, median and best total over ``runs``, and this process's peak memory."""
+    totals = [sum(r[s] for s in STAGES) for r in runs]
+    return {**{f"{s}_s": statistics.median(r[s] for r in runs) for s in STAGES},
+            "total_s": statistics.median(totals), "total_min_s": min(totals), "peak_rss_mb": peak_rss_mb()}
+
+
 def profile_one(model_path: str, engine: str, grid, threads: int, repeats: int, warmup: int, seed: int = 0,
                 native: dict | None = None) -> dict:
     """One configuration's stage times (medians), peak memory and FLOPs; run it isolated.
@@ -133,11 +140,7 @@ def profile_one(model_path: str, engine: str, grid, threads: int, repeats: int, 
         t = time.perf_counter()
         write_outputs(result, **{k: v.with_suffix(".nii.gz") for k, v in outputs.items()})
         write_gz = time.perf_counter() - t
-    totals = [sum(r[s] for s in STAGES) for r in runs]
-    row = {f"{s}_s": statistics.median(r[s] for r in runs) for s in STAGES}
-    row.update({"total_s": statistics.median(totals), "total_min_s": min(totals), "write_nii_gz_s": write_gz,
-                "peak_rss_mb": peak_rss_mb()})
-    return row
+    return {**_stage_summary(runs), "write_nii_gz_s": write_gz}
 
 
 def profile_ants(grid, threads: int, repeats: int, warmup: int, seed: int = 0, native: dict | None = None,
@@ -154,10 +157,7 @@ def profile_ants(grid, threads: int, repeats: int, warmup: int, seed: int = 0, n
             times = ants_register_files(paths["moving"], paths["fixed"], paths["labels"], tmp, threads)
             if i >= warmup:
                 runs.append(times)
-    totals = [sum(r[s] for s in STAGES) for r in runs]
-    row = {f"{s}_s": statistics.median(r[s] for r in runs) for s in STAGES}
-    row.update({"total_s": statistics.median(totals), "total_min_s": min(totals), "peak_rss_mb": peak_rss_mb()})
-    return row
+    return _stage_summary(runs)
 
 
 ANTS = "peer_ants_syn"
@@ -185,11 +185,6 @@ def engine_scores(model_path, engine: str, subjects: pd.DataFrame, test_pairs: p
 
 
 ON_GRID = "on the model grid"
-
-
-def _frozen(native: dict | None):
-    """A native input as a hashable key (None stays None)."""
-    return None if native is None else tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in sorted(native.items()))
 
 
 def input_label(native: dict | None) -> str:
@@ -269,8 +264,8 @@ def speed_profile(models: dict, engines, grids, thread_counts, repeats: int, war
         log.warning("ANTs SyN not timed: %s", ants_missing_note())
         skipped_rows.append({"model": ANTS, "accuracy_note": ants_missing_note()})
     elif ants_repeats:
-        for grid, threads, native in dict.fromkeys((c[2], c[3], _frozen(c[4])) for c in configs):
-            native = dict(native) if native else None
+        inputs = {(grid, threads, input_label(native)): native for _, _, grid, threads, native in configs}
+        for (grid, threads, _), native in inputs.items():
             t = time.perf_counter()
             res = run_isolated("ldreg.speed_profile:profile_ants", grid=list(grid), threads=threads, repeats=ants_repeats,
                                warmup=0, seed=seed, native=native, spacing=spacing)
