@@ -17,9 +17,8 @@ rule train_student:
     benchmark:
         f"{RESULTS}/benchmarks/train_student_{{variant}}.tsv"
     threads: train_threads
-    # before the VoxelMorph peer: at equal priority the 2-core default run gave the peer's 18-min
-    # job the second core beside the teacher, and the unsupervised student (which needs no
-    # teacher) then waited, with the teacher's students, until the peer was done
+    # after the teacher (the critical path) and the VoxelMorph peer (the longest job): the
+    # students are shorter and fill the cores around them
     priority: 5
     resources:
         mem_mb=4000,
@@ -46,6 +45,10 @@ rule train_voxelmorph:
     benchmark:
         f"{RESULTS}/benchmarks/train_voxelmorph.tsv"
     threads: train_threads
+    # the longest job that needs no teacher (776 s on 2 cores of an AMD EPYC Zen 4): started beside
+    # the teacher, before the students. Below them, it started last in the 2-core default run and
+    # ran alone for 12 of its 13 minutes (38 min in all, the cores 81 % busy)
+    priority: 7
     resources:
         mem_mb=4000,
         gpu=0,
