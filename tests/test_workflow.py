@@ -115,6 +115,7 @@ def test_every_table_and_figure_exists_with_sane_values(tiny_run):
     ablation = pd.read_csv(tiny_run / "tables" / "ablation.csv")
     assert list(ablation.variant) == ["unsupervised", "distill", "aldk"]
     assert list(ablation.teacher_targets) == ["none", "raw", "raw"]
+    assert (ablation.steps == 120).all()  # the tiny config's student steps, as trained
     # paired test against the unsupervised student on the test pairs (6 pairs: p-values exist)
     assert ablation.set_index("variant").loc["unsupervised", "dice_diff_vs_unsupervised"] == 0
     assert ablation.wilcoxon_p.iloc[1:].between(0, 1).all()

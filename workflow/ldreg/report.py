@@ -109,7 +109,8 @@ def ablation_table(accuracy: pd.DataFrame, variants: dict, evals: pd.DataFrame |
                "distillation": v.get("distillation", "none"),
                "adversarial": bool(v.get("adversarial", False)), "gamma": v.get("gamma", np.nan) if v.get("adversarial") else np.nan,
                "adversarial_weight": v.get("adversarial_weight", np.nan) if v.get("adversarial") else np.nan,
-               "flow_level": int(v.get("flow_level", 0)), "parameters": a.parameters, "dice": a.dice,
+               "flow_level": int(v.get("flow_level", 0)), "steps": v.get("steps", np.nan),
+               "parameters": a.parameters, "dice": a.dice,
                "dice_mean": a.dice_mean, "hd95_mm": a.hd95_mm, "folding_percent": a.folding_percent,
                "epe_mm": a.get("epe_mm", np.nan), "cpu_s_per_pair": a.cpu_s_per_pair, "flag": a.get("flag", "")}
         if evals is not None:
