@@ -101,7 +101,11 @@ def test_every_table_and_figure_exists_with_sane_values(tiny_run):
     assert np.allclose(aldk.time_ratio_to_student, 1.0)
     ants = speed[speed.method == "peer_ants_syn"]
     if len(ants) and ants.seconds.notna().all():  # timed where antspyx is installed
-        assert np.allclose(ants.speedup_over_ants_syn, 1.0) and (aldk.speedup_over_ants_syn > 1).all()
+        # a ratio to ANTs' time at the same threads (not asserted faster: a loaded CI machine can
+        # slow a tiny forward pass below a tiny SyN run; speed belongs to the benchmarks)
+        assert np.allclose(ants.speedup_over_ants_syn, 1.0)
+        by_threads = ants.set_index("threads").seconds
+        np.testing.assert_allclose(aldk.speedup_over_ants_syn, by_threads[aldk.threads].values / aldk.seconds.values)
     if "note" in acc.columns and isinstance(acc.loc["peer_ants_syn", "note"], str):
         assert "not installed" in acc.loc["peer_ants_syn", "note"]  # skipped, and says so
     else:
