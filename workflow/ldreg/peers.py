@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -50,8 +51,6 @@ def ants_register_files(moving_path, fixed_path, labels_path, out_dir, threads: 
     both written as .nii (``write``). The displacement field is ANTs' own warp file, which the
     registration writes itself (so its time is inside ``network``)."""
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)
-    import time
-
     import ants
 
     times, t = {}, time.perf_counter()
