@@ -78,7 +78,7 @@ def _random_velocity(shape, cfg: SyntheticConfig, rng) -> np.ndarray:
     return v.astype(np.float32)
 
 
-def _random_affine(shape, cfg: SyntheticConfig, rng) -> np.ndarray:
+def random_affine(shape, cfg: SyntheticConfig, rng) -> np.ndarray:
     """A 4x4 voxel-space affine about the grid centre (small rotation, scaling, translation)."""
     angles = np.deg2rad(rng.uniform(-cfg.rotation_deg, cfg.rotation_deg, 3))
     cx, cy, cz = np.cos(angles)
@@ -112,7 +112,7 @@ def _make_subject(args) -> dict:
     rng = np.random.default_rng([cfg.seed, index])
     sid = f"sub-{index + 1:03d}"
     velocity = torch.from_numpy(_random_velocity(shape, cfg, rng))[None]
-    mat = _random_affine(shape, cfg, rng)
+    mat = random_affine(shape, cfg, rng)
     # phi = A o exp(v): sample at exp(v)(x), then A ->  field = compose(first=A, second=exp(v))
     forward = compose(_affine_displacement(mat, shape), integrate_velocity(velocity))
     inverse = compose(integrate_velocity(-velocity), _affine_displacement(np.linalg.inv(mat), shape))

@@ -4,13 +4,13 @@ Every configuration (model x engine x grid x threads) runs the ``register`` path
 :mod:`ldreg.register` in a fresh interpreter (so its peak memory is its own) on a brain pair
 (the embedded template and a rigidly moved copy, as NIfTI files) that lies on the model's grid,
 and, for each ``native_inputs`` entry, on a pair of a scan's own shape and spacing (e.g.
-154x188x154 at 1 mm), which the model's preprocessed grid receives and the outputs go back to: stages preprocess (read, check, normalise, place on the
-grid), network, warp (field to the fixed grid; image and labels warped), write (warped image,
-labels and field as .nii), median of ``repeats`` runs after ``warmup``. Writing .nii.gz is
-timed once on the side: gzip is single-threaded and would otherwise hide everything else.
-The same run measures the machine's own dense throughput (a large conv3d and matmul) so
-that achieved GFLOP/s read as a fraction of what this CPU can do, and re-evaluates each
-model and engine on the test pairs (the accuracy guard).
+154x188x154 at 1 mm), which the model's preprocessed grid receives and the outputs go back to:
+stages preprocess (read, check, normalise, place on the grid), network, warp (field to the
+fixed grid; image and labels warped), write (warped image, labels and field as .nii), median of
+``repeats`` runs after ``warmup``. Writing .nii.gz is timed once on the side: gzip is
+single-threaded and would otherwise hide everything else. The same run measures the machine's
+own dense throughput (a large conv3d and matmul) so that achieved GFLOP/s read as a fraction of
+what this CPU can do, and re-evaluates each model and engine on the test pairs (the accuracy guard).
 """
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ def _profile_inputs(folder: Path, shape, spacing: float, seed: int) -> dict:
     template moved rigidly by a few degrees and millimetres (moving, with its Desikan-Killiany
     labels). A brain, not noise: an iterative method such as ANTs SyN runs until it converges,
     and on noise it has nothing to converge on (it failed outright on smoothed noise)."""
-    from .data import embedded_atlas_paths, resample_to_grid
+    from .data import SyntheticConfig, embedded_atlas_paths, random_affine, resample_to_grid
 
     image_path, labels_path = embedded_atlas_paths()
     atlas, atlas_labels = nib.load(image_path), nib.load(labels_path)
@@ -85,24 +85,15 @@ def _profile_inputs(folder: Path, shape, spacing: float, seed: int) -> dict:
     centre = nib.affines.apply_affine(atlas.affine, corners / 2)
     target = np.diag([spacing] * 3 + [1.0])
     target[:3, 3] = centre - spacing * (np.array(shape) - 1) / 2
-    rng = np.random.default_rng(seed)
-    angles = np.deg2rad(rng.uniform(-3, 3, 3))
-    rotation = np.eye(4)
-    for axis, angle in enumerate(angles):
-        c, s_ = np.cos(angle), np.sin(angle)
-        i, j = [a for a in range(3) if a != axis]
-        step = np.eye(4)
-        step[[i, i, j, j], [i, j, i, j]] = [c, -s_, s_, c]
-        rotation = rotation @ step
-    motion = np.eye(4)  # a rigid motion about the brain's centre
-    motion[:3, :3] = rotation[:3, :3]
-    motion[:3, 3] = centre - rotation[:3, :3] @ centre + rng.uniform(-3, 3, 3)
+    # a rigid motion about the grid's centre (the brain's), in the target grid's voxels
+    motion = target @ random_affine(shape, SyntheticConfig(spacing_mm=spacing, rotation_deg=3.0, translation_mm=3.0,
+                                                            scaling=0.0), np.random.default_rng(seed))
     image = np.asarray(atlas.dataobj, dtype=np.float32)
     paths = {"moving": folder / "moving.nii", "fixed": folder / "fixed.nii", "labels": folder / "moving_labels.nii"}
     nib.save(nib.Nifti1Image(resample_to_grid(image, atlas.affine, shape, target), target), paths["fixed"])
-    nib.save(nib.Nifti1Image(resample_to_grid(image, atlas.affine, shape, motion @ target), target), paths["moving"])
-    labels = resample_to_grid(np.asarray(atlas_labels.dataobj).astype(np.int16), atlas_labels.affine, shape,
-                              motion @ target, order=0)
+    nib.save(nib.Nifti1Image(resample_to_grid(image, atlas.affine, shape, motion), target), paths["moving"])
+    labels = resample_to_grid(np.asarray(atlas_labels.dataobj).astype(np.int16), atlas_labels.affine, shape, motion,
+                              order=0)
     nib.save(nib.Nifti1Image(labels, target), paths["labels"])
     return paths
 
