@@ -2,7 +2,7 @@
 N steps (learning curve) and on the test pairs at the end.
 
     python workflow/scripts/experiments/student_sweep.py SWEEP.yaml OUT_DIR [--results results]
-        [--jobs 4] [--threads 1] [--device auto]
+        [--jobs 4] [--threads 1] [--device auto] [--teacher-flows CACHE.pt]
 
 SWEEP.yaml names a run config (``base``), the steps and validation interval, and the variants:
 each is a student override exactly as under ``students.variants`` in the config (network keys
@@ -92,7 +92,7 @@ def run_variant(name: str, override: dict, config: dict, sweep: dict, results: s
            "best_val_dice": float(val_log.dice.max()) if "dice" in val_log else float("nan"),
            "steps": cfg.steps, "restarts": int(val_log["restarts"].iloc[-1]) if len(val_log) else 0,
            "stopped": stopped, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "device": device,
-           "threads": threads, "override": repr(override)}
+           "threads": threads, "teacher_flows": str(cache_path) if cache else "", "override": repr(override)}
     return row, val_log.assign(variant=name)
 
 
@@ -105,6 +105,9 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--only", nargs="*", help="run these variants of the sweep only")
+    ap.add_argument("--teacher-flows", type=Path,
+                    help="a flow cache to teach from instead of <results>/cache/teacher_flows.pt "
+                         "(e.g. cache/teacher_flows_refined.pt)")
     args = ap.parse_args(argv)
     sweep = yaml.safe_load(args.sweep.read_text())
     config = yaml.safe_load(Path(sweep["base"]).read_text())
@@ -113,7 +116,8 @@ def main(argv=None) -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     print(f"{len(variants)} variants, {args.jobs} at a time, {args.threads} thread(s) each, on {device} "
           f"({torch.cuda.get_device_name() if device == 'cuda' else cpu_summary()})", flush=True)
-    cache_path = _flow_cache(args.results, args.out_dir, device)
+    cache_path = args.teacher_flows or _flow_cache(args.results, args.out_dir, device)
+    print(f"teacher fields from {cache_path}", flush=True)
     rows, curves = [], []
     # spawn: CUDA cannot be used in forked workers
     with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
