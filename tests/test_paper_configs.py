@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from conftest import blob_volume
+from ldreg.config_checks import student_targets
 from ldreg.pipeline import _spec, student_settings
 from ldreg.training import FlowCache, TrainConfig, cache_teacher_flows, train
 from ldreg.networks import build_network
@@ -80,6 +81,9 @@ def test_paper_config_trains_two_steps_on_a_tiny_grid(tmp_path):
     spec, train_cfg = student_settings(config, "aldk")
     cfg = two_steps(train_cfg)
     assert cfg.adversarial and cfg.gamma == 0.3 and cfg.gp_weight == 0.1 and cfg.similarity == "correlation"
+    # the paper's loss and targets, not config.yaml's variant of the same name that the file updates
+    assert cfg.adversarial_target == "unbounded" and cfg.similarity_weight == 1.0 and cfg.adversarial_weight == 1.0
+    assert student_targets(config, "aldk") == "raw" and config["teacher_cache"]["refine"]["steps"] == 0
     student = build_network(spec)
     student, losses, _, critic = train(student, pairs, images, cfg, tmp_path / "s.ckpt", FlowCache(tmp_path / "flows.pt"),
                                        show_progress=False, name="student_aldk")

@@ -4,7 +4,7 @@ import pytest
 import pandas as pd
 
 from ldreg.evaluate import registration_flag
-from ldreg.report import accuracy_table, paired_test
+from ldreg.report import ablation_table, accuracy_table, paired_test, unsupervised_counterpart
 
 
 def _evals(diffs):
@@ -63,3 +63,26 @@ def test_run_agreement_counts_real_swaps_apart_from_ties():
     assert row.swaps_beyond_tie == 2 and row.swaps_within_tie == 1
     assert "teacher / student" in row.swapped and row.max_abs_dice_change == pytest.approx(0.09)
     assert -1 <= row.kendall_tau < 1
+
+
+def test_each_taught_student_is_tested_against_the_unsupervised_student_of_its_own_steps():
+    net = {"kind": "student", "cascades": 2, "width": 16, "depth": 4, "affine": True, "affine_width": 16,
+           "flow_level": 2, "flow_scale": 10.0}
+    variants = {"unsupervised": {**net, "steps": 600, "targets": "none"},
+                "unsupervised_long": {**net, "steps": 1200, "targets": "none"},
+                "aldk": {**net, "steps": 600, "targets": "refined", "adversarial": True},
+                "aldk_long": {**net, "steps": 1200, "targets": "refined", "adversarial": True},
+                "aldk_c1": {**net, "cascades": 1, "steps": 600, "targets": "raw", "adversarial": True}}
+    assert unsupervised_counterpart("aldk", variants) == "unsupervised"
+    assert unsupervised_counterpart("aldk_long", variants) == "unsupervised_long"
+    assert unsupervised_counterpart("aldk_c1", variants) == "unsupervised"  # no 1-cascade one: the fallback
+    assert unsupervised_counterpart("unsupervised_long", variants) == "unsupervised"
+    evals = _evals([0.02] * 12)
+    evals = pd.concat([evals, evals.assign(method=evals.method + "_long",
+                                           dice=evals.dice + np.where(evals.method == "student_aldk", -0.05, 0.0))])
+    accuracy = pd.DataFrame([{"method": f"student_{n}", "parameters": 1, "dice": "", "dice_mean": 0.3, "hd95_mm": 1.0,
+                              "folding_percent": 0.0, "cpu_s_per_pair": 0.1} for n in variants])
+    table = ablation_table(accuracy, variants, evals).set_index("variant")
+    assert table.loc["aldk_long", "against"] == "unsupervised_long"
+    assert table.loc["aldk_long", "dice_diff_vs_unsupervised"] == pytest.approx(-0.03)
+    assert table.loc["aldk", "dice_diff_vs_unsupervised"] == pytest.approx(0.02)

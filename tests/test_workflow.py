@@ -118,7 +118,9 @@ def test_every_table_and_figure_exists_with_sane_values(tiny_run):
         assert ants_pairs.dice.between(0, 1).all()
     ablation = pd.read_csv(tiny_run / "tables" / "ablation.csv")
     assert list(ablation.variant) == ["unsupervised", "distill", "aldk"]
-    assert list(ablation.teacher_targets) == ["none", "raw", "raw"]
+    assert list(ablation.teacher_targets) == ["none", "refined", "refined"]
+    # ALDK's similarity at the unsupervised weight (config.yaml's aldk: similarity_weight 1 / gamma)
+    assert np.allclose(ablation.similarity_weight, 1.0, atol=1e-4)
     assert (ablation.steps == 120).all()  # the tiny config's student steps, as trained
     # paired test against the unsupervised student on the test pairs (6 pairs: p-values exist)
     assert ablation.set_index("variant").loc["unsupervised", "dice_diff_vs_unsupervised"] == 0
@@ -207,17 +209,16 @@ def test_forcing_one_variant_reruns_only_it_and_its_dependents(tiny_run):
     assert "method=student_distill" in out and "method=teacher" not in out
 
 
-def test_a_refined_target_variant_adds_only_its_cache_and_student(tiny_run, tmp_path):
+def test_a_raw_target_variant_adds_only_its_cache_and_student(tiny_run, tmp_path):
     work = tiny_run.parent
-    extra = tmp_path / "refined.yaml"
-    extra.write_text("teacher_cache: {refine: {steps: 3}}\n"
-                     "students: {variants: {distill_refined: {targets: refined, train: {distillation: l2}}}}\n")
+    extra = tmp_path / "raw.yaml"
+    extra.write_text("students: {variants: {distill_raw: {targets: raw, train: {distillation: l2}}}}\n")
     proc = _run(["all", "-n", "--cores", "2", "--configfile", str(TINY), str(extra), "--config",
                  f"results_dir={work}/results", f"resources_dir={work}/resources"], cwd=work)
     out = proc.stdout + proc.stderr
-    assert "rule cache_refined_teacher_flows" in out and "variant=distill_refined" in out
-    # the raw targets, the teacher and the other students are untouched
-    assert "rule cache_teacher_flows:" not in out and "rule train_teacher" not in out
+    assert "rule cache_teacher_flows:" in out and "variant=distill_raw" in out
+    # the refined targets, the teacher and the other students are untouched
+    assert "rule cache_refined_teacher_flows" not in out and "rule train_teacher" not in out
     assert "variant=distill\n" not in out and "variant=aldk" not in out
 
 
@@ -242,7 +243,8 @@ def test_a_timed_out_workflow_leaves_no_process_and_names_the_running_rule(tmp_p
     ("speed_profile: {models: [teacher], reference_model: student_unsupervised}\n",
      "speed_profile.reference_model 'student_unsupervised' must be one of"),
     ("evaluation: {refine: {models: [student_nonexistent]}}\n", "does not train"),
-    ("students: {variants: {distill: {targets: refined}}}\n", "needs teacher_cache.refine.steps >= 1"),
+    # config.yaml's teacher-taught students learn from refined fields
+    ("teacher_cache: {refine: {steps: 0}}\n", "needs teacher_cache.refine.steps >= 1"),
     ("teacher_cache: {refine: {steps: 2}}\nstudents: {variants: {unsupervised: {targets: refined}}}\n",
      "uses no teacher field"),
 ])

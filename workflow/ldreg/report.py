@@ -91,11 +91,35 @@ def paired_test(evals: pd.DataFrame, method: str, against: str, metric: str = "d
             "pairs": int(len(diff))}
 
 
+def _similarity_in_loss(v: dict) -> float:
+    weight = v.get("similarity_weight", 1.0)
+    return round(weight * v.get("gamma", 0.3), 4) if v.get("adversarial") else weight
+
+
+# what makes two students "the same architecture and steps" (issue 13: a teacher-taught student
+# is judged against the unsupervised student it would be without its teacher)
+_SAME_STUDENT = ("kind", "cascades", "width", "depth", "affine", "affine_width", "flow_level", "flow_scale", "steps")
+
+
+def unsupervised_counterpart(name: str, variants: dict, fallback: str = "unsupervised") -> str:
+    """The variant a student's paired test is against: for a teacher-taught student the first
+    variant taught by nobody with the same network and steps; otherwise (or where none is
+    configured) ``fallback``."""
+    own = variants[name]
+    if own.get("targets", "none") != "none":
+        for other, v in variants.items():
+            if v is not None and v.get("targets", "none") == "none" and all(v.get(k) == own.get(k) for k in _SAME_STUDENT):
+                return other
+    return fallback
+
+
 def ablation_table(accuracy: pd.DataFrame, variants: dict, evals: pd.DataFrame | None = None,
                    baseline: str = "unsupervised") -> pd.DataFrame:
     """The students side by side with what each variant switches on (``variants``: each one's
     network and training settings as trained, ``pipeline.resolved_variants``) and, where per-pair
-    results are given, a paired test of each against the ``baseline`` variant on the same test pairs."""
+    results are given, a paired test on the same test pairs of each teacher-taught student against
+    its unsupervised counterpart (:func:`unsupervised_counterpart`; column ``against``) and of each
+    other student against ``baseline``."""
     rows = []
     for name, v in variants.items():
         if v is None:
@@ -107,6 +131,8 @@ def ablation_table(accuracy: pd.DataFrame, variants: dict, evals: pd.DataFrame |
         a = acc.iloc[0]
         row = {"variant": name, "cascades": v.get("cascades", 1), "teacher_targets": v.get("targets", "none"),
                "distillation": v.get("distillation", "none"),
+               # the image similarity's weight in the loss as trained (ALDK scales it by gamma)
+               "similarity_weight": _similarity_in_loss(v),
                "adversarial": bool(v.get("adversarial", False)), "gamma": v.get("gamma", np.nan) if v.get("adversarial") else np.nan,
                "adversarial_weight": v.get("adversarial_weight", np.nan) if v.get("adversarial") else np.nan,
                "flow_level": int(v.get("flow_level", 0)), "steps": v.get("steps", np.nan),
@@ -114,7 +140,8 @@ def ablation_table(accuracy: pd.DataFrame, variants: dict, evals: pd.DataFrame |
                "dice_mean": a.dice_mean, "hd95_mm": a.hd95_mm, "folding_percent": a.folding_percent,
                "epe_mm": a.get("epe_mm", np.nan), "cpu_s_per_pair": a.cpu_s_per_pair, "flag": a.get("flag", "")}
         if evals is not None:
-            row.update(paired_test(evals, method, f"student_{baseline}"))
+            against = unsupervised_counterpart(name, variants, baseline)
+            row.update(against=against, **paired_test(evals, method, f"student_{against}"))
         rows.append(row)
     return pd.DataFrame(rows)
 

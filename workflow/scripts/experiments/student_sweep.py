@@ -13,7 +13,8 @@ Dice and folding are always scored; EPE only where the subjects' true fields are
 
 Writes, as each variant ends (so that a stopped sweep keeps what finished): OUT_DIR/summary.csv
 (one row per variant: test Dice, EPE, folding, steps, restarts, wall and CPU seconds, device),
-OUT_DIR/validation.csv (every variant's learning curve) and OUT_DIR/<variant>.log.
+OUT_DIR/validation.csv (every variant's learning curve), OUT_DIR/<variant>_pairs.csv (its test
+pairs, for paired tests) and OUT_DIR/<variant>.log.
 Not part of `all`: a research tool (docs/experiments.md has the figures and the machine)."""
 from __future__ import annotations
 
@@ -87,6 +88,7 @@ def run_variant(name: str, override: dict, config: dict, sweep: dict, results: s
     test = pairs[pairs.split == "test"]
     predict = lambda m, f: model(m.to(device), f.to(device), warp=False)["flow"].float().cpu()
     per_pair, _ = evaluate_pairs(name, predict, subjects, test, spacing, with_hd95=False, show_progress=False)
+    write_csv(per_pair, out_dir / f"{name}_pairs.csv")  # for paired tests against other runs' rows
     stopped = val_log["stopped"].iloc[-1] if len(val_log) and "stopped" in val_log else ""
     row = {"variant": name, **{f"test_{k}": v for k, v in summary(per_pair).items()},
            "best_val_dice": float(val_log.dice.max()) if "dice" in val_log else float("nan"),
