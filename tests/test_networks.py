@@ -521,3 +521,13 @@ def test_guard_lets_a_young_critic_learn_but_catches_a_run_away():
         assert guard.step(terms, field_rms=1.0, critic=-estimate) is None
     # a trained critic's estimate jumping tenfold in one step is a run-away
     assert "critic estimate ran away" in guard.step(terms, field_rms=1.0, critic=-60.0)
+
+
+def test_guard_forgives_an_early_dip_below_no_registration_but_not_a_late_one_or_folding():
+    guard = DivergenceGuard((32, 32, 32))
+    identity = {"dice": 0.166, "folding_percent": 0.0}
+    dip = {"dice": 0.138, "folding_percent": 0.0}
+    assert guard.validation({**dip, "step": 100}, identity) is None
+    assert "below no registration" in guard.validation({**dip, "step": 200}, identity)
+    assert "folding" in guard.validation({"dice": 0.3, "folding_percent": 5.0, "step": 100}, identity)
+    assert guard.validation({"dice": 0.2, "folding_percent": 0.0, "step": 200}, identity) is None

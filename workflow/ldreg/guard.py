@@ -34,6 +34,10 @@ class GuardLimits:
     critic_warmup: int = 50
     folding_percent: float = FOLDING_BOUND_PERCENT  # validation folding above this: diverged
     dice_drop: float = 0.02  # validation Dice this far below no registration: diverged
+    # ... but not in the first steps: a teacher-taught student dips below no registration at its
+    # first validation (step 100) and recovers; sent back for it at half the rate, a 1-cascade
+    # ALDK student ended 0.029 Dice lower (docs/experiments.md). The per-step tests guard those steps
+    dice_grace_steps: int = 150
 
 
 class DivergenceGuard:
@@ -84,12 +88,16 @@ class DivergenceGuard:
         return None
 
     def validation(self, metrics: dict, identity: dict) -> str | None:
-        """``metrics`` of the model and of no registration on the validation pairs."""
+        """``metrics`` of the model (with its ``step``) and of no registration on the validation
+        pairs. Folding is checked at every validation, Dice below no registration only after
+        ``dice_grace_steps``."""
         lim = self.limits
         folding = metrics.get("folding_percent", 0.0)
         if folding > lim.folding_percent:
             return f"validation folding {folding:.2f} % of voxels exceeds {lim.folding_percent} %"
         dice, base = metrics.get("dice"), identity.get("dice")
+        if metrics.get("step", float("inf")) <= lim.dice_grace_steps:
+            return None
         if dice is not None and base is not None and dice == dice and dice < base - lim.dice_drop:
             return f"validation Dice {dice:.3f} below no registration ({base:.3f})"
         return None
