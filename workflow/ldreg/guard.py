@@ -95,9 +95,9 @@ class DivergenceGuard:
         folding = metrics.get("folding_percent", 0.0)
         if folding > lim.folding_percent:
             return f"validation folding {folding:.2f} % of voxels exceeds {lim.folding_percent} %"
-        dice, base = metrics.get("dice"), identity.get("dice")
         if metrics.get("step", float("inf")) <= lim.dice_grace_steps:
             return None
+        dice, base = metrics.get("dice"), identity.get("dice")
         if dice is not None and base is not None and dice == dice and dice < base - lim.dice_drop:
             return f"validation Dice {dice:.3f} below no registration ({base:.3f})"
         return None

@@ -14,6 +14,7 @@ from scipy.stats import kendalltau, wilcoxon  # noqa: E402
 
 from .evaluate import registration_flag  # noqa: E402
 from .io import atomic_path, write_csv  # noqa: E402
+from .training import TrainConfig  # noqa: E402
 
 
 def write_table(frame: pd.DataFrame, stem) -> None:
@@ -92,8 +93,8 @@ def paired_test(evals: pd.DataFrame, method: str, against: str, metric: str = "d
 
 
 def _similarity_in_loss(v: dict) -> float:
-    weight = v.get("similarity_weight", 1.0)
-    return round(weight * v.get("gamma", 0.3), 4) if v.get("adversarial") else weight
+    weight = v.get("similarity_weight", TrainConfig.similarity_weight)
+    return round(weight * v.get("gamma", TrainConfig.gamma), 4) if v.get("adversarial") else weight
 
 
 # what makes two students "the same architecture and steps" (issue 13: a teacher-taught student
