@@ -19,6 +19,7 @@ include: "workflow/rules/teacher.smk"
 include: "workflow/rules/student.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/native.smk"
 
 
 rule all:
@@ -26,6 +27,7 @@ rule all:
         rules.tables.output,
         rules.figures.output,
         rules.speed_profile.output,
+        rules.native_tables.output if NATIVE_COHORTS else [],
     default_target: True
 
 

@@ -135,6 +135,37 @@ def test_every_table_and_figure_exists_with_sane_values(tiny_run):
     assert (tiny_run / "benchmarks" / "train_teacher.tsv").exists()
 
 
+def test_native_resolution_and_real_anatomy_tables_score_every_method(tiny_run):
+    """Every method at the scan's own resolution through register's path, on the cohort's test
+    pairs and on the real anatomy (Colin27 + AAL, resampled to 4 mm in the tiny config)."""
+    expected = {"identity", "affine", "teacher", "student_aldk", "peer_ants_syn", "peer_greedy_fast",
+                "student_aldk+refine5"}
+    for stem in ("accuracy_native", "accuracy_real"):
+        table = pd.read_csv(tiny_run / "tables" / f"{stem}.csv").set_index("method")
+        assert (tiny_run / "tables" / f"{stem}.md").exists()
+        assert set(table.index) == expected, stem
+        scored = table.dropna(subset=["dice_mean"])
+        assert scored.cpu.str.contains("avx2").all() and scored.seed.eq(1).all()
+        # every method but no registration timed end to end on the run's cores
+        assert (scored.drop(index="identity").seconds > 0).all() and np.isnan(scored.loc["identity", "seconds"])
+        assert scored.loc["identity", "dice_gain"] == 0
+        # ANTs on its first pair only (tiny config: ants_pairs 1), its gain against those pairs
+        if "peer_ants_syn" in scored.index:
+            assert scored.loc["peer_ants_syn", "pairs"] == 1
+        # the refinement's stage is timed, and the Greedy peer registers (beats no registration)
+        assert scored.loc["student_aldk+refine5", "refine_s"] > 0
+        assert scored.loc["peer_greedy_fast", "dice_gain"] > 0.02, stem
+    real = pd.read_csv(tiny_run / "tables" / "accuracy_real.csv").set_index("method")
+    # Colin27 at 4 mm, cropped to the brain; 2 moved copies; AAL's labels
+    assert real.loc["identity", "pairs"] == 2 and real.loc["identity", "spacing_mm"] == 4.0
+    per_label = pd.read_csv(tiny_run / "eval_native" / "real" / "identity_labels.csv")
+    assert per_label.label.nunique() > 100
+    cohort = pd.read_csv(tiny_run / "tables" / "accuracy_native.csv").set_index("method")
+    # the synthetic cohort's subjects lie at half the model's spacing (6 mm in the tiny config)
+    assert cohort.loc["identity", "spacing_mm"] == 3.0
+    assert (tiny_run / "figures" / "accuracy_vs_time_native.png").stat().st_size > 10_000
+
+
 def test_snakemake_report_carries_every_table_and_figure(tiny_run):
     import zipfile
 
@@ -142,10 +173,10 @@ def test_snakemake_report_carries_every_table_and_figure(tiny_run):
     _run(["--cores", "1", "--configfile", str(TINY), "--config", f"results_dir={work}/results",
           f"resources_dir={work}/resources", "--report", str(work / "report.zip")], cwd=work, timeout=300)
     names = {Path(n).name for n in zipfile.ZipFile(work / "report.zip").namelist()}
-    tables = {f"{t}.{ext}" for t in ("accuracy", "ablation", "speed", "speed_profile", "speed_machine")
-              for ext in ("csv", "md")}
+    tables = {f"{t}.{ext}" for t in ("accuracy", "ablation", "speed", "speed_profile", "speed_machine",
+                                     "accuracy_native", "accuracy_real") for ext in ("csv", "md")}
     figures = {f"{f}.png" for f in ("qualitative", "dice_boxplot", "accuracy_vs_time", "training_curves",
-                                    "learning_curves")}
+                                    "learning_curves", "accuracy_vs_time_native")}
     assert tables | figures <= names, sorted((tables | figures) - names)
 
 
@@ -163,7 +194,11 @@ def test_speed_profile_covers_every_native_configuration_and_guards_accuracy(tin
     assert sorted(zip(notes.model, notes.engine)) == sorted((m, e) for m in ("teacher", "student_aldk") for e in skipped)
     assert notes.accuracy_note.astype(str).str.contains("emulated").all()
     ants = table[table.model == "peer_ants_syn"]
-    profile = table[table.total_s.notna() & (table.model != "peer_ants_syn")]
+    greedy = table[table.model == "peer_greedy_fast"]
+    profile = table[table.total_s.notna() & ~table.model.str.startswith("peer_")]
+    # Greedy end to end on the same inputs and threads (tiny config: greedy_repeats 1)
+    assert sorted(zip(greedy.input, greedy.threads)) == sorted(set(zip(profile.input, profile.threads)))
+    assert (greedy[["network_s", "warp_s"]] > 0).all().all()
     assert set(profile.model) == {"teacher", "student_aldk"} and set(profile.engine) == set(native)
     # ANTs SyN end to end on every input and thread count (tiny config: ants_repeats 1); each row's
     # speed-up refers to the ANTs row of its own input and threads

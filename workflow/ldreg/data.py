@@ -45,7 +45,7 @@ def embedded_atlas_paths() -> tuple[Path, Path]:
     return image, labels
 
 
-def _grid_at_spacing(img, spacing: float):
+def grid_at_spacing(img, spacing: float):
     """A RAS grid of the given isotropic spacing covering ``img``'s field of view."""
     corners = np.array([[i, j, k] for i in (0, img.shape[0] - 1) for j in (0, img.shape[1] - 1) for k in (0, img.shape[2] - 1)])
     world = nib.affines.apply_affine(img.affine, corners)
@@ -105,23 +105,46 @@ def _smooth_bias(shape, strength, rng) -> np.ndarray:
     return np.exp(strength * low / (np.abs(low).max() + 1e-12))
 
 
+def random_deformation(shape, cfg: SyntheticConfig, rng) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random smooth map on a grid of ``shape`` at ``cfg.spacing_mm``, as displacements
+    (1, 3, *shape) in its voxels: forward ``phi = A o exp(v)`` (a small affine A after a
+    stationary velocity field integrated by scaling and squaring) and its inverse."""
+    velocity = torch.from_numpy(_random_velocity(shape, cfg, rng))[None]
+    mat = random_affine(shape, cfg, rng)
+    # phi = A o exp(v): sample at exp(v)(x), then A ->  field = compose(first=A, second=exp(v))
+    forward = compose(_affine_displacement(mat, shape), integrate_velocity(velocity))
+    inverse = compose(integrate_velocity(-velocity), _affine_displacement(np.linalg.inv(mat), shape))
+    return forward, inverse
+
+
+def deform_volume(image: np.ndarray, labels: np.ndarray, coarse_forward: torch.Tensor, fine_shape, factor: int):
+    """``image`` (linear) and ``labels`` (nearest) on a grid ``factor`` times finer than the
+    coarse field's (fine voxel ``factor * x`` = coarse voxel ``x``) sampled at the map."""
+    full = (tuple(factor * (s - 1) + 1 for s in coarse_forward.shape[2:]))
+    fine = factor * F.interpolate(coarse_forward, size=full, mode="trilinear", align_corners=True)
+    fine = fine[(..., *[slice(0, s) for s in fine_shape])]
+    warped = warp_image(torch.from_numpy(image)[None, None], fine)[0, 0].numpy()
+    warped_labels = warp_labels(torch.from_numpy(labels)[None, None], fine)[0, 0].numpy()
+    return warped, warped_labels
+
+
+def intensity_changes(image: np.ndarray, cfg: SyntheticConfig, rng) -> np.ndarray:
+    """What differs between two scans besides anatomy: a gamma, a smooth bias field, noise in
+    the foreground (``image`` scaled to about [0, 1])."""
+    gamma = rng.uniform(*cfg.gamma_range)
+    image = np.clip(image, 0, None) ** gamma * _smooth_bias(image.shape, cfg.bias_strength, rng)
+    return image + cfg.noise_std * rng.standard_normal(image.shape) * (image > 0.01)
+
+
 def _make_subject(args) -> dict:
     """One synthetic subject; its random draws depend only on (seed, index), so the cohort is
     the same whatever the number of worker processes."""
     index, cfg, atlas, atlas_labels, shape, affine, fine_shape, fine_affine, out_dir = args
     rng = np.random.default_rng([cfg.seed, index])
     sid = f"sub-{index + 1:03d}"
-    velocity = torch.from_numpy(_random_velocity(shape, cfg, rng))[None]
-    mat = random_affine(shape, cfg, rng)
-    # phi = A o exp(v): sample at exp(v)(x), then A ->  field = compose(first=A, second=exp(v))
-    forward = compose(_affine_displacement(mat, shape), integrate_velocity(velocity))
-    inverse = compose(integrate_velocity(-velocity), _affine_displacement(np.linalg.inv(mat), shape))
-    fine_forward = 2 * torch.nn.functional.interpolate(forward, size=fine_shape, mode="trilinear", align_corners=True)
-    image = warp_image(torch.from_numpy(atlas)[None, None], fine_forward)[0, 0].numpy()
-    labels = warp_labels(torch.from_numpy(atlas_labels)[None, None], fine_forward)[0, 0].numpy()
-    gamma = rng.uniform(*cfg.gamma_range)
-    image = np.clip(image, 0, None) ** gamma * _smooth_bias(fine_shape, cfg.bias_strength, rng)
-    image = image + cfg.noise_std * rng.standard_normal(fine_shape) * (image > 0.01)
+    forward, inverse = random_deformation(shape, cfg, rng)
+    image, labels = deform_volume(atlas, atlas_labels, forward, fine_shape, 2)
+    image = intensity_changes(image, cfg, rng)
     paths = {k: Path(out_dir) / f"{sid}_{k}.nii.gz" for k in ("image", "labels", "true_forward", "true_inverse")}
     save_volume(paths["image"], image.astype(np.float32), fine_affine)
     save_volume(paths["labels"], labels.astype(np.int16), fine_affine)
@@ -144,7 +167,7 @@ def make_synthetic_cohort(out_dir, cfg: SyntheticConfig, threads: int = 1) -> pd
     out_dir.mkdir(parents=True, exist_ok=True)
     image_path, labels_path = embedded_atlas_paths()
     atlas_img = nib.load(str(image_path))
-    shape, affine = _grid_at_spacing(atlas_img, cfg.spacing_mm)
+    shape, affine = grid_at_spacing(atlas_img, cfg.spacing_mm)
     # the fine grid shares the coarse grid's origin at half the spacing: fine voxel 2x = coarse x
     fine_shape = tuple(2 * s - 1 for s in shape)
     fine_affine = affine.copy()

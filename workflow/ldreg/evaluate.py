@@ -13,6 +13,7 @@ import torch
 from .data import true_pair_field
 from .guard import FOLDING_BOUND_PERCENT
 from .io import InputError
+from .methods import Method
 from .metrics import dice_per_label, field_error, folding_fraction, hd95, sd_log_jacobian
 from .modelfile import load_model
 from .optimise import optimise_field
@@ -37,14 +38,17 @@ def flow_predictor(method: str, model_path=None, device: str = "cpu"):
     raise ValueError(f"unknown method {method!r}")
 
 
-def refined_predictor(method: str, model_path, options: dict, device: str = "cpu"):
+def refine_options(options: dict) -> dict:
+    """The keyword arguments of :func:`ldreg.optimise.optimise_field` in a config section
+    (``evaluation.refine``), the rest of it left out."""
+    return {k: options[k] for k in ("lr", "smoothness_weight", "resolution", "coarse_fraction") if k in options}
+
+
+def refined_predictor(method: Method, model_path, options: dict, device: str = "cpu"):
     """'optimise<K>': K steps of per-pair optimisation from a zero field; '<model>+refine<K>':
     the model's field refined by K steps (as ``register --refine-steps K``)."""
-    opts = {k: options[k] for k in ("lr", "smoothness_weight", "resolution", "coarse_fraction") if k in options}
-    if method.startswith("optimise"):
-        steps, start = int(method.removeprefix("optimise")), flow_predictor("identity")
-    else:
-        steps, start = int(method.rpartition("+refine")[2]), flow_predictor("model", model_path, device)
+    opts, steps = refine_options(options), method.steps
+    start = flow_predictor("identity") if method.kind == "optimise" else flow_predictor("model", model_path, device)
 
     def predict(m, f):
         field, _ = optimise_field(m.to(device), f.to(device), start(m, f).to(device), steps, **opts)

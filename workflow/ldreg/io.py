@@ -139,6 +139,20 @@ def field_to_itk_array(field, affine) -> np.ndarray:
     return mm_lps.reshape(*shape, 1, 3).numpy()
 
 
+def itk_array_to_field(array, affine) -> np.ndarray:
+    """The inverse of :func:`field_to_itk_array`: an ITK displacement field (physical mm on LPS
+    axes, (D, H, W, 3) or (D, H, W, 1, 3), as ANTs and Greedy write their warps) on the grid of
+    ``affine`` to a (3, D, H, W) field in that grid's voxels."""
+    array = np.asarray(array, dtype=np.float64)
+    if array.ndim == 5 and array.shape[3] == 1:
+        array = array[:, :, :, 0]
+    if array.ndim != 4 or array.shape[-1] != 3:
+        raise InputError(f"a displacement field must be (X, Y, Z, 3) or (X, Y, Z, 1, 3), got shape {array.shape}")
+    to_voxels = np.linalg.inv(np.asarray(affine, dtype=np.float64)[:3, :3])
+    ras = array * _RAS_TO_LPS  # LPS -> RAS: the same sign flip
+    return np.einsum("ij,xyzj->ixyz", to_voxels, ras).astype(np.float32)
+
+
 def write_csv(frame, path) -> None:
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False)

@@ -19,6 +19,7 @@ from .config_checks import speed_profile_problems, student_targets, student_uses
 from .engines import cpu_summary
 from .evaluate import evaluate_pairs, flow_predictor, refined_predictor, validator
 from .io import InputError, write_csv
+from .methods import Method, parse_method
 from .modelfile import load_model, read_model_file, save_model
 from .networks import CascadeSpec, build_network, complexity
 from .report import (ablation_table, accuracy_table, accuracy_vs_time, dice_boxplot, learning_curves, qualitative_panel,
@@ -201,23 +202,95 @@ def evaluate(config, method: str, model_path, subjects_csv, pairs_csv, per_pair_
     """``method`` is 'identity', 'affine' (the teacher's affine stage) or a model name."""
     subjects, pairs = pd.read_csv(subjects_csv), pd.read_csv(pairs_csv)
     test = pairs[pairs.split == "test"]
-    if method == "peer_ants_syn":
-        if not peers.ANTS_AVAILABLE:
-            log.warning(peers.ants_missing_note())
-            write_csv(pd.DataFrame([{"method": method, "note": peers.ants_missing_note()}]), per_pair_csv)
-            write_csv(pd.DataFrame(columns=["method", "pair_id", "label", "dice"]), per_label_csv)
-            return
-        predict = peers.ants_predictor(config["preprocessing"]["spacing_mm"], torch.get_num_threads())
-    elif method.startswith("optimise") or "+refine" in method:
-        predict = refined_predictor(method, model_path, config["evaluation"]["refine"],
-                                    str(device_for(config.get("device", "auto"))))
+    spec, device = parse_method(method), str(device_for(config.get("device", "auto")))
+    missing = _missing_peer(spec)
+    if missing:
+        _write_skipped(method, missing, per_pair_csv, per_label_csv)
+        return
+    spacing = config["preprocessing"]["spacing_mm"]
+    if spec.kind == "ants":
+        predict = peers.ants_predictor(spacing, torch.get_num_threads())
+    elif spec.kind == "greedy":
+        setting = peers.GreedySetting(**_greedy_settings(config, spec))
+        predict = peers.greedy_predictor(spacing, torch.get_num_threads(), setting)
+    elif spec.optimises:
+        predict = refined_predictor(spec, model_path, config["evaluation"]["refine"], device)
     else:
-        kind = method if method in ("identity", "affine") else "model"
-        predict = flow_predictor(kind, model_path, str(device_for(config.get("device", "auto"))))
+        predict = flow_predictor(spec.kind, model_path, device)
     per_pair, per_label = evaluate_pairs(method, predict, subjects, test, config["preprocessing"]["spacing_mm"],
                                          config["evaluation"]["hd95"])
     write_csv(per_pair, per_pair_csv)
     write_csv(per_label, per_label_csv)
+
+
+def _missing_peer(method: Method) -> str:
+    """Why a peer cannot run here ('' when it can)."""
+    if method.kind == "ants" and not peers.ANTS_AVAILABLE:
+        return peers.ants_missing_note()
+    if method.kind == "greedy" and not peers.GREEDY_AVAILABLE:
+        return peers.greedy_missing_note()
+    return ""
+
+
+def _write_skipped(method: str, note: str, per_pair_csv, per_label_csv) -> None:
+    """A skipped peer's evaluation: one row that says why, read by the tables as a note."""
+    log.warning("%s: %s", method, note)
+    write_csv(pd.DataFrame([{"method": method, "note": note}]), per_pair_csv)
+    write_csv(pd.DataFrame(columns=["method", "pair_id", "label", "dice"]), per_label_csv)
+
+
+def _greedy_settings(config: dict, method: Method) -> dict:
+    settings = config["peers"]["greedy"]["settings"]
+    if method.setting not in settings:
+        raise ValueError(f"{method.name}: no setting {method.setting!r} in peers.greedy.settings ({sorted(settings)})")
+    return settings[method.setting]
+
+
+def evaluate_native(config, method: str, model_path, pairs_csv, per_pair_csv, per_label_csv, cohort: str,
+                    source_root=None, threads: int = 1) -> None:
+    """One method on the native-resolution pairs of ``cohort``: 'cohort' (the test pairs at the
+    subjects' own resolution) or 'real' (the real-anatomy pairs, :mod:`ldreg.real_anatomy`)."""
+    from .native import cohort_native_pairs, evaluate_native as evaluate_pairs_native, native_runner
+
+    spec = parse_method(method)
+    missing = _missing_peer(spec)
+    if missing:
+        _write_skipped(method, missing, per_pair_csv, per_label_csv)
+        return
+    native = config["native_evaluation"]
+    if cohort == "cohort":
+        pairs = cohort_native_pairs(raw_subjects(config, source_root), pd.read_csv(pairs_csv))
+    else:
+        pairs = pd.read_csv(pairs_csv)
+    if spec.kind == "ants" and native["ants_pairs"]:
+        pairs = pairs.head(native["ants_pairs"])  # about two minutes a pair at 1 mm
+    run = native_runner(spec, model_path, config["evaluation"]["refine"], config["peers"]["greedy"]["settings"],
+                        usable_threads(threads), str(device_for(config.get("device", "auto"))))
+    per_pair, per_label = evaluate_pairs_native(method, run, pairs, native["hd95"])
+    write_csv(per_pair.assign(cohort=cohort, cpu=cpu_summary()), per_pair_csv)
+    write_csv(per_label, per_label_csv)
+
+
+def make_real_anatomy(config, out_dir) -> None:
+    from .real_anatomy import RealAnatomyConfig, make_real_anatomy_pairs
+
+    real = {k: v for k, v in config["real_anatomy"].items() if k != "enabled"}
+    make_real_anatomy_pairs(RealAnatomyConfig(seed=config["seed"], **real), out_dir)
+
+
+def native_tables(config, eval_csvs: dict, out_dir, figure_path) -> None:
+    """``accuracy_native`` (the cohort's test pairs at their own resolution) and
+    ``accuracy_real`` (the real anatomy), CSV + Markdown, and the accuracy-vs-time figure of both."""
+    from .native import native_accuracy_table
+    from .report import native_accuracy_vs_time
+
+    tables = {}
+    for cohort, paths in eval_csvs.items():
+        evals = pd.concat([pd.read_csv(p) for p in paths], ignore_index=True)
+        table = native_accuracy_table(evals).assign(cpu=cpu_summary(), seed=config["seed"])
+        write_table(table, Path(out_dir) / ("accuracy_native" if cohort == "cohort" else "accuracy_real"))
+        tables[cohort] = table
+    native_accuracy_vs_time(tables, figure_path, cpu_summary())
 
 
 def time_cpu(config, model_path, out_csv, threads: int) -> None:
@@ -351,7 +424,9 @@ def speed_profile(config, model_paths: dict, subjects_csv, pairs_csv, profile_cs
                              pd.read_csv(subjects_csv), pairs[pairs.split == "test"],
                              config["preprocessing"]["spacing_mm"], sp["reference_engine"], sp["baseline_model"],
                              sp.get("reference_model"), config["seed"], sp.get("native_inputs", []),
-                             sp.get("ants_repeats", 0))
+                             sp.get("ants_repeats", 0),
+                             config["peers"]["greedy"]["settings"] if config["peers"]["greedy"]["enabled"] else {},
+                             sp.get("greedy_repeats", 0))
     log.info("\n%s", table[["model", "engine", "grid", "input", "threads", "total_s", "network_s", "peak_rss_mb",
                              "dice"]].to_string())
     write_table(table, Path(profile_csv).with_suffix(""))

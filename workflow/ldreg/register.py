@@ -64,10 +64,11 @@ class Registrar:
     2^depth)."""
 
     def __init__(self, model_path, device: str = "cpu", precision: str = "float32", channels_last: bool = False,
-                 grid=None, refine_steps: int = 0, refine_options: dict | None = None):
+                 grid=None, refine_steps: int = 0, refine_options: dict | None = None, upto: int | None = None):
         if refine_steps < 0:
             raise ValueError(f"refine_steps must be >= 0, got {refine_steps}")
         self.refine_steps, self.refine_options = refine_steps, dict(refine_options or {})
+        self.upto = upto  # the stages run (0: the affine stage alone); None: all of them
         self.model, prep, self.payload = load_model(model_path, device)
         self.prep: Preprocessing = dataclasses.replace(prep, grid=tuple(grid)) if grid else prep
         self.device = device
@@ -82,7 +83,8 @@ class Registrar:
     def predict(self, moving: Prepared, fixed: Prepared) -> torch.Tensor:
         """The composed field (3, D, H, W), float32, in voxels of the preprocessed grid."""
         as_batch = lambda a: torch.from_numpy(a)[None, None].to(self.device)
-        flow = self.model(as_batch(moving.image), as_batch(fixed.image), warp=False)["flow"]
+        stages = {} if self.upto is None else {"upto": self.upto}
+        flow = self.model(as_batch(moving.image), as_batch(fixed.image), warp=False, **stages)["flow"]
         return flow[0].float().cpu()
 
     def refine(self, flow: torch.Tensor, moving: Prepared, fixed: Prepared) -> torch.Tensor:

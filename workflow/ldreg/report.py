@@ -14,6 +14,8 @@ from scipy.stats import kendalltau, wilcoxon  # noqa: E402
 
 from .evaluate import registration_flag  # noqa: E402
 from .io import atomic_path, write_csv  # noqa: E402
+from .methods import parse_method  # noqa: E402
+from .native import pareto_front  # noqa: E402
 from .training import TrainConfig  # noqa: E402
 
 
@@ -204,7 +206,7 @@ def accuracy_vs_time(accuracy: pd.DataFrame, path) -> None:
     placed: list[tuple[float, float]] = []  # (log10 x, label y) of the labels so far
     for row in rows.itertuples():
         flagged = isinstance(getattr(row, "flag", ""), str) and bool(getattr(row, "flag", ""))
-        optimised = row.method.startswith("optimise") or "+refine" in row.method
+        optimised = parse_method(row.method).optimises
         style = (dict(color="0.6", marker="x") if flagged else
                  dict(color="tab:orange", marker="s") if optimised else dict(color="tab:blue", marker="o"))
         ax.scatter(row.cpu_s_per_pair, row.dice_mean, **style)
@@ -224,6 +226,56 @@ def accuracy_vs_time(accuracy: pd.DataFrame, path) -> None:
     ax.set_xlabel("CPU seconds per pair (1 thread, log scale)")
     ax.set_ylabel("mean Dice (test pairs)")
     ax.set_title("networks (blue), per-pair optimisation (orange), not registering (grey)", fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+NATIVE_PANELS = {"real": "real anatomy no model saw (Colin27 + AAL)", "cohort": "default cohort's test pairs"}
+
+
+def _method_style(method: str, flagged: bool) -> dict:
+    kind = parse_method(method)
+    if flagged:
+        return dict(color="0.6", marker="x")
+    if kind.peer:
+        return dict(color="tab:green", marker="D")
+    if kind.optimises:
+        return dict(color="tab:orange", marker="s")
+    return dict(color="tab:blue", marker="o")
+
+
+def native_accuracy_vs_time(tables: dict, path, cpu: str = "") -> None:
+    """Dice at the scan's own resolution against seconds a pair end to end (log), one panel per
+    cohort ('real' first): networks blue, refinement orange, peer optimisers green, methods that
+    do not register grey; the Pareto front (no method both faster and more accurate) drawn."""
+    cohorts = [c for c in NATIVE_PANELS if c in tables]
+    fig, axes = plt.subplots(1, len(cohorts), figsize=(7.5 * len(cohorts), 5.5), squeeze=False)
+    for ax, cohort in zip(axes[0], cohorts):
+        table = tables[cohort]
+        rows = table.dropna(subset=["seconds", "dice_mean"])
+        rows = rows[rows.method != "identity"].reset_index(drop=True)
+        for row in rows.itertuples():
+            flagged = isinstance(row.flag, str) and bool(row.flag)
+            ax.scatter(row.seconds, row.dice_mean, zorder=3, **_method_style(row.method, flagged))
+            ax.annotate(f"{row.method}" + (f" ({row.pairs} pairs)" if row.pairs < rows.pairs.max() else ""),
+                        (row.seconds, row.dice_mean), xytext=(4, 2), textcoords="offset points", fontsize=7)
+        if len(rows):
+            front = rows.iloc[pareto_front(rows.seconds, rows.dice_mean)]
+            ax.step(front.seconds, front.dice_mean, where="post", color="0.3", lw=0.8, ls=":", zorder=2,
+                    label="Pareto front")
+            ax.legend(loc="lower right", fontsize=8)
+        identity = table.loc[table.method == "identity", "dice_mean"]
+        if len(identity):
+            ax.axhline(float(identity.iloc[0]), color="0.5", ls="--", lw=0.8)
+            ax.text(0.01, float(identity.iloc[0]), "no registration", transform=ax.get_yaxis_transform(), fontsize=8,
+                    color="0.4", va="top")
+        first = table.dropna(subset=["dice_mean"]).iloc[0]
+        ax.set_xscale("log")
+        ax.set_xlabel(f"seconds a pair end to end ({int(first.threads)} threads, .nii outputs; log scale)")
+        ax.set_ylabel(f"mean Dice at {first['shape']}, {first.spacing_mm:g} mm")
+        ax.set_title(NATIVE_PANELS[cohort], fontsize=10)
+    fig.suptitle(f"networks (blue), + refinement (orange), Greedy / ANTs (green), not registering (grey) — {cpu}",
+                 fontsize=9)
     fig.tight_layout()
     _save(fig, path)
 

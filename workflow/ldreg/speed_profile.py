@@ -28,7 +28,8 @@ import torch
 from .engines import cpu_summary, engine_spec, native_engines, precision_native, skip_reason
 from .evaluate import evaluate_pairs, flow_predictor, registration_flag, summary
 from .networks import complexity
-from .peers import ANTS_AVAILABLE, ants_missing_note
+from .methods import ANTS, greedy_method
+from .peers import ANTS_AVAILABLE, GREEDY_AVAILABLE, ants_missing_note, greedy_missing_note
 from .register import Registrar, write_outputs
 from .timing import peak_rss_mb, run_isolated, time_calls
 
@@ -145,13 +146,28 @@ def profile_ants(grid, threads: int, repeats: int, warmup: int, seed: int = 0, n
     with tempfile.TemporaryDirectory() as tmp:
         paths = _profile_inputs(Path(tmp), shape, spacing, seed)
         for i in range(warmup + repeats):
-            times = ants_register_files(paths["moving"], paths["fixed"], paths["labels"], tmp, threads)
+            times = ants_register_files(paths["moving"], paths["fixed"], paths["labels"], tmp, threads).times
             if i >= warmup:
                 runs.append(times)
     return _stage_summary(runs)
 
 
-ANTS = "peer_ants_syn"
+def profile_greedy(grid, threads: int, repeats: int, warmup: int, seed: int = 0, native: dict | None = None,
+                   spacing: float = 1.0, setting: dict | None = None) -> dict:
+    """Greedy end to end on the same inputs as :func:`profile_one` (register, then reslice the
+    image and labels and write them; :func:`ldreg.peers.greedy_register_files`)."""
+    from .peers import GreedySetting, greedy_register_files
+
+    shape, spacing = (tuple(grid), spacing) if native is None else (tuple(native["shape"]), native["spacing_mm"])
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = _profile_inputs(Path(tmp), shape, spacing, seed)
+        for i in range(warmup + repeats):
+            times = greedy_register_files(paths["moving"], paths["fixed"], paths["labels"], tmp, threads,
+                                          GreedySetting(**(setting or {}))).times
+            if i >= warmup:
+                runs.append(times)
+    return _stage_summary(runs)
 
 
 def count_flops(model_path: str, grid) -> dict:
@@ -199,7 +215,8 @@ def plan(models, engines, grids, thread_counts, native_inputs=()) -> tuple[list[
 def speed_profile(models: dict, engines, grids, thread_counts, repeats: int, warmup: int, subjects: pd.DataFrame,
                   test_pairs: pd.DataFrame, spacing: float, reference: str, baseline_model: str,
                   reference_model: str | None = None, seed: int = 0,
-                  native_inputs=(), ants_repeats: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+                  native_inputs=(), ants_repeats: int = 0, greedy_settings: dict | None = None,
+                  greedy_repeats: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The profile table and the machine-throughput table.
 
     ``reference`` is the engine every other engine's Dice is compared with (same model);
@@ -209,7 +226,9 @@ def speed_profile(models: dict, engines, grids, thread_counts, repeats: int, war
     CPU would emulate are not run (:mod:`ldreg.engines`): they appear as note rows.
     ``native_inputs`` ({shape, spacing_mm} each) add rows for scans at their own resolution.
     ``ants_repeats`` > 0: ANTs SyN is timed as many times on every input and thread count
-    (rows ``peer_ants_syn``; each row's ``speedup_vs_ants_syn`` refers to it)."""
+    (rows ``peer_ants_syn``; each row's ``speedup_vs_ants_syn`` refers to it); ``greedy_repeats``
+    > 0: each of ``greedy_settings`` (name -> GreedySetting options) likewise (rows
+    ``peer_greedy_<name>``)."""
     configs, skipped_rows = plan(models, engines, grids, thread_counts, native_inputs)
     if not precision_native(engine_spec(reference)[0]):
         log.warning("reference engine %s %s; float32 is the reference instead", reference, skip_reason(engine_spec(reference)[0]))
@@ -251,19 +270,23 @@ def speed_profile(models: dict, engines, grids, thread_counts, repeats: int, war
                      "machine_conv3d_gflops_per_s": best.gflops_per_s.max(),
                      "dice": dice[(name, engine)], "dice_change_vs_reference": dice[(name, engine)] - dice[(name, reference)],
                      "repeats": repeats, "warmup": warmup, "seed": seed})
-    if ants_repeats and not ANTS_AVAILABLE:
-        log.warning("ANTs SyN not timed: %s", ants_missing_note())
-        skipped_rows.append({"model": ANTS, "accuracy_note": ants_missing_note()})
-    elif ants_repeats:
-        inputs = {(grid, threads, input_label(native)): native for _, _, grid, threads, native in configs}
+    inputs = {(grid, threads, input_label(native)): native for _, _, grid, threads, native in configs}
+    peers = ([(ANTS, "ants", "profile_ants", {}, ants_repeats, ANTS_AVAILABLE, ants_missing_note())] if ants_repeats else [])
+    peers += [(greedy_method(name), "greedy", "profile_greedy", {"setting": setting}, greedy_repeats, GREEDY_AVAILABLE,
+               greedy_missing_note()) for name, setting in (greedy_settings or {}).items() if greedy_repeats]
+    for peer, engine, profiler, options, peer_repeats, available, missing in peers:
+        if not available:
+            log.warning("%s not timed: %s", peer, missing)
+            skipped_rows.append({"model": peer, "accuracy_note": missing})
+            continue
         for (grid, threads, _), native in inputs.items():
             t = time.perf_counter()
-            res = run_isolated("ldreg.speed_profile:profile_ants", grid=list(grid), threads=threads, repeats=ants_repeats,
-                               warmup=0, seed=seed, native=native, spacing=spacing)
-            log.info("%s, inputs %s, %d thread(s): %.2f s a pair (profiled in %.0f s)", ANTS, input_label(native), threads,
-                     res["total_s"], time.perf_counter() - t)
-            rows.append({"model": ANTS, "engine": "ants", "grid": "x".join(map(str, grid)), "input": input_label(native),
-                         "threads": threads, **res, "repeats": ants_repeats, "warmup": 0, "seed": seed})
+            res = run_isolated(f"ldreg.speed_profile:{profiler}", grid=list(grid), threads=threads, repeats=peer_repeats,
+                               warmup=0, seed=seed, native=native, spacing=spacing, **options)
+            log.info("%s, inputs %s, %d thread(s): %.2f s a pair (profiled in %.0f s)", peer, input_label(native),
+                     threads, res["total_s"], time.perf_counter() - t)
+            rows.append({"model": peer, "engine": engine, "grid": "x".join(map(str, grid)), "input": input_label(native),
+                         "threads": threads, **res, "repeats": peer_repeats, "warmup": 0, "seed": seed})
     table = pd.DataFrame(rows)
     table["fraction_of_machine"] = table.achieved_gflops_per_s / table.machine_conv3d_gflops_per_s
     base = table[(table.model == baseline_model) & (table.engine == reference)].set_index(["grid", "input", "threads"])

@@ -1,6 +1,7 @@
 import re
 
 from ldreg.config_checks import config_problems, student_targets
+from ldreg.methods import ANTS, greedy_method, parse_method, refined_method
 
 # Names shared by every rule: the models, the evaluated methods and where their files lie.
 RESULTS = config["results_dir"]
@@ -20,18 +21,26 @@ MODELS = (
     + (["peer_voxelmorph"] if PEERS["voxelmorph"]["enabled"] else [])
 )
 # ANTs has no model file: evaluated and timed by rules of its own kind
-TIMED = MODELS + (["peer_ants_syn"] if PEERS["ants_syn"]["enabled"] else [])
+TIMED = MODELS + ([ANTS] if PEERS["ants_syn"]["enabled"] else [])
+# Greedy: evaluated (its 1-thread evaluation time is its time), one method per setting
+GREEDY = [greedy_method(s) for s in PEERS["greedy"]["settings"]] if PEERS["greedy"]["enabled"] else []
 # per-pair optimisation (ldreg.optimise) alone, and started from a model's field
 REFINE = config["evaluation"]["refine"]
-REFINED = [f"optimise{k}" for k in REFINE["optimise_steps"]]
-REFINED.extend(f"{m}+refine{k}" for m in REFINE["models"] for k in REFINE["steps"])
-METHODS = ["identity", "affine", *TIMED, *REFINED]
+REFINED_FROM_MODELS = [refined_method(m, k) for m in REFINE["models"] for k in REFINE["steps"]]
+REFINED = [f"optimise{k}" for k in REFINE["optimise_steps"]] + REFINED_FROM_MODELS
+METHODS = ["identity", "affine", *TIMED, *GREEDY, *REFINED]
+# at the scan's own resolution (register's path): the models, their refinement and the peers
+NATIVE = config["native_evaluation"]
+NATIVE_MODELS = MODELS if NATIVE["models"] is None else NATIVE["models"]
+NATIVE_METHODS = ["identity", "affine", *NATIVE_MODELS, *TIMED[len(MODELS):], *GREEDY, *REFINED_FROM_MODELS]
+NATIVE_COHORTS = (["cohort"] if NATIVE["enabled"] else []) + (["real"] if NATIVE["enabled"] and config["real_anatomy"]["enabled"] else [])
 
 
 wildcard_constraints:
     variant="|".join(VARIANTS) or "none",
     model="|".join(MODELS),
-    method="|".join(re.escape(m) for m in METHODS),
+    method="|".join(re.escape(m) for m in dict.fromkeys(METHODS + NATIVE_METHODS)),
+    cohort="cohort|real",
 
 
 def model_file(name):
@@ -61,14 +70,14 @@ def teacher_cache_for(wildcards):
 
 
 def method_model(wildcards):
-    method = re.sub(r"\+refine\d+$", "", wildcards.method)
-    if method in ("identity", "peer_ants_syn") or method.startswith("optimise"):
-        return []
-    return model_file("teacher" if method == "affine" else method)
+    model = parse_method(wildcards.method).model
+    return [] if model is None else model_file(model)
 
 
 # cross-key checks the schema cannot express (ldreg.config_checks, the same ones the jobs run),
 # so that a bad combination stops before any job runs
 _problems = config_problems(config, MODELS)
+_problems += [f"native_evaluation.models names {m!r}, which this configuration does not train" for m in NATIVE_MODELS
+              if m not in MODELS]
 if _problems:
     raise ValueError("config: " + "; ".join(_problems))

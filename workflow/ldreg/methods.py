@@ -1,0 +1,62 @@
+"""What the evaluation rows are: a method's name parsed once into a value (kind, the model
+it needs, its refinement steps, a peer's setting). Torch-free, so that the Snakefile can use
+it at parse time and every job reads names the same way.
+
+Names: ``identity`` (no registration), ``affine`` (the teacher's affine stage alone), a model
+name (``teacher``, ``student_<variant>``, ``peer_voxelmorph``), ``optimise<K>`` (K steps of
+per-pair optimisation from a zero field), ``<model>+refine<K>`` (the model's field refined by K
+steps, as ``register --refine-steps K``), ``peer_ants_syn`` and ``peer_greedy_<setting>``.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+ANTS = "peer_ants_syn"
+GREEDY_PREFIX = "peer_greedy_"
+KINDS = ("identity", "affine", "model", "optimise", "refine", "ants", "greedy")
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    kind: str
+    model: str | None = None  # the model file it needs (None: none)
+    steps: int = 0  # per-pair optimisation steps (optimise, refine)
+    setting: str | None = None  # a Greedy setting's name
+
+    @property
+    def optimises(self) -> bool:
+        """Per-pair optimisation, alone or after a network (the tables' orange rows)."""
+        return self.kind in ("optimise", "refine")
+
+    @property
+    def peer(self) -> bool:
+        """An optimiser users would pick instead (no model file)."""
+        return self.kind in ("ants", "greedy")
+
+
+def parse_method(name: str) -> Method:
+    if name == "identity":
+        return Method(name, "identity")
+    if name == "affine":
+        return Method(name, "affine", model="teacher")
+    if name == ANTS:
+        return Method(name, "ants")
+    if name.startswith(GREEDY_PREFIX) and len(name) > len(GREEDY_PREFIX):
+        return Method(name, "greedy", setting=name[len(GREEDY_PREFIX):])
+    if match := re.fullmatch(r"optimise(\d+)", name):
+        return Method(name, "optimise", steps=int(match[1]))
+    if match := re.fullmatch(r"(.+)\+refine(\d+)", name):
+        return Method(name, "refine", model=match[1], steps=int(match[2]))
+    if not re.fullmatch(r"[A-Za-z0-9_]+", name):
+        raise ValueError(f"not a method name: {name!r}")
+    return Method(name, "model", model=name)
+
+
+def greedy_method(setting: str) -> str:
+    return f"{GREEDY_PREFIX}{setting}"
+
+
+def refined_method(model: str, steps: int) -> str:
+    return f"{model}+refine{steps}"
