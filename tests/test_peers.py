@@ -20,7 +20,7 @@ def test_ants_syn_recovers_a_shift():
     # fixed voxel x corresponds to moving x - 3 along the first axis, near the blob
     assert field[0, 18, 16, 16] == pytest.approx(-3, abs=0.75)
     warped = warp_labels(torch.from_numpy(moving_labels)[None, None], torch.from_numpy(field)[None])[0, 0].numpy()
-    assert mean_dice(warped, fixed_labels) > mean_dice(moving_labels, fixed_labels) + 0.2
+    assert mean_dice(warped, fixed_labels) > mean_dice(moving_labels, fixed_labels) + 0.15
 
 
 def test_ants_end_to_end_on_files_warps_image_and_labels_and_times_each_stage(tmp_path):
@@ -92,7 +92,7 @@ def test_greedy_registers_a_known_shift_end_to_end_on_files(tmp_path):
     assert field[0, 18 + 7, 16, 16] == pytest.approx(-3, abs=0.75)
     warped_labels = np.asarray(nib.load(done.warped_labels).dataobj).astype(int)
     assert set(np.unique(warped_labels)) <= {0, 1}  # nearest neighbour
-    assert mean_dice(warped_labels, fixed_labels) > mean_dice(moving_labels, fixed_labels) + 0.2
+    assert mean_dice(warped_labels, fixed_labels) > mean_dice(moving_labels, fixed_labels) + 0.15
 
 
 def test_greedy_on_arrays_gives_the_field_in_voxels():
@@ -105,7 +105,7 @@ def test_greedy_on_arrays_gives_the_field_in_voxels():
     assert field.shape == (3, 32, 32, 32)
     assert field[0, 25, 16, 16] == pytest.approx(-3, abs=0.75)  # voxels, whatever the spacing
     warped = warp_labels(torch.from_numpy(moving_labels)[None, None], torch.from_numpy(field)[None])[0, 0].numpy()
-    assert mean_dice(warped, fixed_labels) > mean_dice(moving_labels, fixed_labels) + 0.2
+    assert mean_dice(warped, fixed_labels) > mean_dice(moving_labels, fixed_labels) + 0.15
 
 
 def test_greedy_setting_rejects_a_malformed_schedule():

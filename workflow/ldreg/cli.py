@@ -17,6 +17,7 @@ from .io import InputError
 from .modelfile import load_model
 from .engines import default_precision, precision_native, skip_reason
 from .networks import PRECISIONS, complexity
+from .optimise import DEFAULT_REFINE_SPACINGS, refine_schedule
 from .register import Registrar, write_outputs
 
 
@@ -29,7 +30,8 @@ def _cmd_register(args) -> None:
         print(f"warning: --precision {precision}: {skip_reason(precision).removeprefix('skipped: ')}; "
               "--precision auto picks float32 here", file=sys.stderr)
     # channels-last helps float32 too (oneDNN's fast 3D kernels): 1.69 -> 1.32 s at 128^3, 2 threads
-    registrar = Registrar(args.model, args.device, precision, channels_last=True, refine_steps=args.refine_steps)
+    levels = refine_schedule(args.refine_steps, args.refine_spacings)
+    registrar = Registrar(args.model, args.device, precision, channels_last=True, refine_levels=levels)
     load_seconds = time.perf_counter() - t0
     result = registrar.register(args.moving, args.fixed, args.moving_labels)
     t = time.perf_counter()
@@ -99,9 +101,23 @@ def _register_args(p) -> None:
                         "bf16 units (AMX, AVX512-BF16), else float32")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--refine-steps", type=int, default=0, metavar="K",
-                   help="refine the network's field on the pair by K steps of per-pair optimisation (local NCC + "
-                        "smoothness, Adam on a quarter-resolution residual) before it is mapped back; 0: the network alone")
+                   help="refine the network's map on the pair's own images, coarse to fine (Greedy's scheme: local "
+                        "NCC, smoothed steps): K iterations at the coarsest --refine-spacings level, half as many at "
+                        "each finer one; 0: the network alone")
+    p.add_argument("--refine-spacings", type=_spacings, default=DEFAULT_REFINE_SPACINGS, metavar="MM,MM",
+                   help="the refinement's levels in mm, coarse to fine (default: %(default)s); the last is the "
+                        "finest spacing it reaches")
     p.set_defaults(func=_cmd_register)
+
+
+def _spacings(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"spacings must read like '4,2' (mm, coarse to fine), got {text!r}") from None
+    if not values or any(v <= 0 for v in values) or list(values) != sorted(values, reverse=True):
+        raise argparse.ArgumentTypeError(f"spacings must be positive and coarse to fine, got {text!r}")
+    return values
 
 
 def _parser() -> argparse.ArgumentParser:

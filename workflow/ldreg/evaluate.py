@@ -16,7 +16,7 @@ from .io import InputError
 from .methods import Method
 from .metrics import dice_per_label, field_error, folding_fraction, hd95, sd_log_jacobian
 from .modelfile import load_model
-from .optimise import optimise_field
+from .optimise import optimise_field, refine_on_grid
 from .progress import progress
 from .warp import warp_labels
 
@@ -45,16 +45,16 @@ def refine_options(options: dict) -> dict:
 
 
 def refined_predictor(method: Method, model_path, options: dict, device: str = "cpu"):
-    """'optimise<K>': K steps of per-pair optimisation from a zero field; '<model>+refine<K>':
-    the model's field refined by K steps (as ``register --refine-steps K``)."""
-    opts, steps = refine_options(options), method.steps
-    start = flow_predictor("identity") if method.kind == "optimise" else flow_predictor("model", model_path, device)
-
-    def predict(m, f):
-        field, _ = optimise_field(m.to(device), f.to(device), start(m, f).to(device), steps, **opts)
-        return field.cpu()
-
-    return predict
+    """'optimise<K>': K Adam steps of per-pair optimisation from a zero field
+    (:func:`ldreg.optimise.optimise_field`); '<model>+refine<K>': the model's field refined by K
+    iterations of register's refinement on the model's grid (the images the table scores;
+    :func:`ldreg.optimise.refine_on_grid`)."""
+    steps = method.steps
+    if method.kind == "optimise":
+        opts = refine_options(options)
+        return lambda m, f: optimise_field(m, f, None, steps, **opts)[0]
+    start = flow_predictor("model", model_path, device)
+    return lambda m, f: refine_on_grid(m, f, start(m, f), steps)
 
 
 def _load(path, dtype):

@@ -24,10 +24,11 @@ import pandas as pd
 import torch
 
 from .data import resample_to_grid
-from .evaluate import refine_options, registration_flag
+from .evaluate import registration_flag
 from .io import InputError, itk_array_to_field, load_volume
 from .methods import Method
 from .metrics import dice_per_label, folding_fraction, hd95, sd_log_jacobian
+from .optimise import DEFAULT_REFINE_SPACINGS, refine_schedule
 from .progress import progress
 
 log = logging.getLogger(__name__)
@@ -52,8 +53,9 @@ def _identity(moving, fixed, moving_labels, out_dir) -> NativeOutput:
 def _network_runner(method: Method, model_path, refine: dict, device: str):
     from .register import Registrar, write_outputs
 
-    registrar = Registrar(model_path, device, refine_steps=method.steps if method.kind == "refine" else 0,
-                          refine_options=refine_options(refine), upto=0 if method.kind == "affine" else None)
+    spacings = refine.get("spacings") or DEFAULT_REFINE_SPACINGS
+    levels = refine_schedule(method.steps, spacings) if method.kind == "refine" else ()
+    registrar = Registrar(model_path, device, refine_levels=levels, upto=0 if method.kind == "affine" else None)
 
     def run(moving, fixed, moving_labels, out_dir) -> NativeOutput:
         result = registrar.register(moving, fixed, moving_labels)

@@ -22,11 +22,11 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from .data import Preprocessing, preprocess_array
+from .data import Preprocessing, grid_at_spacing, preprocess_array
 from .io import InputError, field_to_itk_array, field_to_voxel_array, load_volume, save_volume
 from .modelfile import load_model
 from .networks import prepare_for_inference
-from .optimise import optimise_field
+from .optimise import gaussian_smooth, ncc_descent, spatial_gradient
 from .warp import (affine_plus_linear, grid_sample_channels_last, identity_grid, label_sampling_dtype, normalising_map,
                    sample_at, sample_axis_aligned, warp_image, warp_labels)
 
@@ -57,6 +57,38 @@ def _apply(matrix: np.ndarray, points: torch.Tensor) -> torch.Tensor:
     return torch.einsum("ij,j...->i...", m[:3, :3], points) + m[:3, 3].view(3, *[1] * (points.ndim - 1))
 
 
+@dataclass
+class Residual:
+    """What refinement on the scan adds to the network's map: a displacement (3, D, H, W) in mm
+    along the RAS axes, on the grid of ``affine`` (the fixed image's field of view)."""
+
+    field_mm: torch.Tensor
+    affine: np.ndarray
+
+
+def _scan_tensor(prepared: Prepared) -> torch.Tensor:
+    """The scan as read, scaled so that its 99th percentile is 1 (a strided sample gives the
+    percentile: the local NCC needs only a stable scale), (1, 1, D, H, W)."""
+    raw = prepared.raw
+    step = max(1, round((raw.size / 2e5) ** (1 / 3)))
+    scale = float(np.percentile(raw[::step, ::step, ::step], 99)) or 1.0
+    return torch.from_numpy(raw)[None, None] / scale
+
+
+def _level_image(scan: torch.Tensor, scan_affine: np.ndarray, shape, affine: np.ndarray, spacing: float) -> torch.Tensor:
+    """The scan smoothed against aliasing (a Gaussian of half the level's spacing, where that
+    is coarser than the scan's) and resampled onto the level grid (1, 1, *shape)."""
+    scan_spacing = float(np.mean(np.linalg.norm(scan_affine[:3, :3], axis=0)))
+    sigma = 0.5 * spacing / scan_spacing if spacing > 1.01 * scan_spacing else 0.0
+    smooth = gaussian_smooth(scan, sigma) if sigma > 0.3 else scan
+    to_scan = np.linalg.inv(scan_affine) @ affine
+    if _is_diagonal(to_scan[:3, :3]):
+        out = sample_axis_aligned(smooth[0], np.diag(to_scan)[:3], to_scan[:3, 3], shape)
+    else:
+        out = sample_at(smooth[0], _apply(to_scan, identity_grid(shape)), "bilinear")
+    return out.contiguous()[None]
+
+
 class Registrar:
     """A model loaded for registering pairs. ``precision`` and ``channels_last`` choose how the
     convolutions run (see :func:`ldreg.networks.prepare_for_inference`); ``grid`` overrides the
@@ -64,10 +96,11 @@ class Registrar:
     2^depth)."""
 
     def __init__(self, model_path, device: str = "cpu", precision: str = "float32", channels_last: bool = False,
-                 grid=None, refine_steps: int = 0, refine_options: dict | None = None, upto: int | None = None):
-        if refine_steps < 0:
-            raise ValueError(f"refine_steps must be >= 0, got {refine_steps}")
-        self.refine_steps, self.refine_options = refine_steps, dict(refine_options or {})
+                 grid=None, refine_levels=(), refine_options: dict | None = None, upto: int | None = None):
+        self.refine_levels = tuple((float(s), int(k)) for s, k in refine_levels)
+        if any(s <= 0 or k < 0 for s, k in self.refine_levels):
+            raise ValueError(f"refine_levels: (spacing_mm > 0, iterations >= 0) pairs needed, got {refine_levels}")
+        self.refine_options = dict(refine_options or {})  # ncc_descent's options
         self.upto = upto  # the stages run (0: the affine stage alone); None: all of them
         self.model, prep, self.payload = load_model(model_path, device)
         self.prep: Preprocessing = dataclasses.replace(prep, grid=tuple(grid)) if grid else prep
@@ -87,19 +120,44 @@ class Registrar:
         flow = self.model(as_batch(moving.image), as_batch(fixed.image), warp=False, **stages)["flow"]
         return flow[0].float().cpu()
 
-    def refine(self, flow: torch.Tensor, moving: Prepared, fixed: Prepared) -> torch.Tensor:
-        """``refine_steps`` of per-pair optimisation (:func:`ldreg.optimise.optimise_field`) from
-        the network's field, on the preprocessed grid; zero steps return ``flow`` itself."""
-        if not self.refine_steps:
-            return flow
-        as_batch = lambda a: torch.from_numpy(a)[None, None]
-        refined, _ = optimise_field(as_batch(moving.image), as_batch(fixed.image), flow[None], self.refine_steps,
-                                    **self.refine_options)
-        return refined[0]
+    @torch.inference_mode()
+    def refine_on_scan(self, flow: torch.Tensor, moving: Prepared, fixed: Prepared, levels) -> tuple[Residual, dict]:
+        """Greedy-style refinement of the network's map on the pair's own images, coarse to fine:
+        ``levels`` ((spacing_mm, iterations), ...) from coarse to fine (:func:`ldreg.optimise.ncc_descent`).
+        Returns the residual (mm, RAS, on the finest level's grid) and each level's seconds."""
+        times, residual, grid = {}, None, None
+        fixed_scan, moving_scan = _scan_tensor(fixed), _scan_tensor(moving)
+        for spacing, iterations in levels:
+            t = time.perf_counter()
+            shape, affine = grid_at_spacing(fixed.img, spacing)
+            fixed_level = _level_image(fixed_scan, fixed.img.affine, shape, affine, spacing)
+            moving_shape, moving_affine = grid_at_spacing(moving.img, spacing)
+            moving_level = _level_image(moving_scan, moving.img.affine, moving_shape, moving_affine, spacing)
+            moving_stack = torch.cat([moving_level, spatial_gradient(moving_level)], 1)
+            # the start map: level voxel z -> fixed preprocessed voxel p -> p + u(p) -> moving level voxel
+            to_pre = np.linalg.inv(fixed.affine) @ affine
+            flow_cl = sample_axis_aligned(flow, np.diag(to_pre)[:3], to_pre[:3, 3], shape).permute(1, 2, 3, 0)
+            if not _is_diagonal(to_pre[:3, :3]):
+                flow_cl = sample_at(flow, _apply(to_pre, identity_grid(shape)), "bilinear").permute(1, 2, 3, 0)
+            pre_to_level = np.linalg.inv(moving_affine) @ moving.affine
+            base = affine_plus_linear((pre_to_level @ to_pre)[:3], pre_to_level[:3, :3], flow_cl.contiguous())
+            base = base.permute(3, 0, 1, 2).contiguous()
+            if residual is None:
+                residual = torch.zeros_like(base)
+            else:  # the coarser level's residual on this grid, in this level's voxels
+                to_coarse = np.linalg.inv(grid) @ affine
+                residual = sample_axis_aligned(residual, np.diag(to_coarse)[:3], to_coarse[:3, 3], shape)
+                residual = residual.contiguous() / float(to_coarse[0, 0])
+            residual, _ = ncc_descent(moving_stack, fixed_level, base, residual, iterations, **self.refine_options)
+            grid = affine
+            times[f"refine_{spacing:g}mm"] = time.perf_counter() - t
+        return Residual(residual * float(grid[0, 0]), grid), times
 
     @torch.inference_mode()
-    def warp(self, flow: torch.Tensor, moving: Prepared, fixed: Prepared, moving_labels_path=None) -> dict:
-        """Warped moving image (and labels) and the field, all on the fixed image's own grid."""
+    def warp(self, flow: torch.Tensor, moving: Prepared, fixed: Prepared, moving_labels_path=None,
+             residual: Residual | None = None) -> dict:
+        """Warped moving image (and labels) and the field, all on the fixed image's own grid;
+        ``residual`` (from :meth:`refine_on_scan`) is added to the network's map."""
         labels = None
         if moving_labels_path:
             labels, labels_img = load_volume(moving_labels_path, "labels")
@@ -109,7 +167,7 @@ class Registrar:
         fixed_to_pre = np.linalg.inv(fixed.affine) @ fixed.img.affine  # fixed voxel -> preprocessed voxel
         pre_to_moving = np.linalg.inv(moving.img.affine) @ moving.affine  # preprocessed -> moving voxel
         pre_to_fixed = np.linalg.inv(fixed.img.affine) @ moving.affine  # moving preprocessed -> fixed voxel
-        if (_is_identity(fixed_to_pre) and _is_identity(pre_to_moving) and _is_identity(pre_to_fixed)
+        if (residual is None and _is_identity(fixed_to_pre) and _is_identity(pre_to_moving) and _is_identity(pre_to_fixed)
                 and fixed_shape == tuple(flow.shape[1:]) == tuple(moving.raw.shape)):
             # both images on the model's grid: the network's field is the answer as it is
             warped = warp_image(torch.from_numpy(moving.raw)[None, None], flow[None])[0, 0]
@@ -121,6 +179,16 @@ class Registrar:
             else:
                 flow_at = sample_at(flow, _apply(fixed_to_pre, identity_grid(fixed_shape)), "bilinear")
             flow_cl = flow_at.permute(1, 2, 3, 0).contiguous()  # a no-op for sample_axis_aligned's output
+            if residual is not None:  # mm on its grid -> moving preprocessed voxels at the fixed voxels
+                fixed_to_res = np.linalg.inv(residual.affine) @ fixed.img.affine
+                to_pre_units = torch.from_numpy(np.linalg.inv(moving.affine[:3, :3]).astype(np.float32))
+                if _is_diagonal(fixed_to_res[:3, :3]):
+                    res_at = sample_axis_aligned(residual.field_mm, np.diag(fixed_to_res)[:3], fixed_to_res[:3, 3],
+                                                 fixed_shape).permute(1, 2, 3, 0)
+                else:
+                    res_at = sample_at(residual.field_mm, _apply(fixed_to_res, identity_grid(fixed_shape)),
+                                       "bilinear").permute(1, 2, 3, 0)
+                flow_cl += (res_at.reshape(-1, 3) @ to_pre_units.T).view(flow_cl.shape)
             # fixed voxel y -> the moving preprocessed voxel fixed_to_pre(y) + u(y) -> the moving
             # image's voxel (in grid_sample's units) and the fixed image's own voxel: both affine
             # in y plus a 3x3 matrix times u(y), built in one pass each
@@ -152,12 +220,12 @@ class Registrar:
         t = time.perf_counter()
         flow = self.predict(moving, fixed)
         times["network"] = time.perf_counter() - t
-        if self.refine_steps:
-            t = time.perf_counter()
-            flow = self.refine(flow, moving, fixed)
-            times["refine"] = time.perf_counter() - t
+        residual = None
+        if self.refine_levels:
+            residual, level_times = self.refine_on_scan(flow, moving, fixed, self.refine_levels)
+            times.update(level_times)
         t = time.perf_counter()
-        result = self.warp(flow, moving, fixed, moving_labels_path)
+        result = self.warp(flow, moving, fixed, moving_labels_path, residual)
         times["warp"] = time.perf_counter() - t
         result["times"] = times
         return result
