@@ -204,7 +204,7 @@ def _sample_voxels(volume: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
 
 def ncc_descent(moving: torch.Tensor, fixed: torch.Tensor, base: torch.Tensor, residual: torch.Tensor,
                 iterations: int, radius: int = 2, step: float = 1.0, sigma_update: float = math.sqrt(3),
-                sigma_field: float = math.sqrt(0.5), compose: bool = False) -> tuple[torch.Tensor, dict]:
+                sigma_field: float = math.sqrt(0.5), compose: bool = True) -> tuple[torch.Tensor, dict]:
     """``iterations`` Greedy-style steps at one level. ``moving`` (1, 4, ...): the moving image
     and its spatial gradient on its own grid; ``fixed`` (1, 1, D, H, W); ``base`` (3, D, H, W):
     the moving grid's voxel coordinates of each fixed voxel under the start map; ``residual``
