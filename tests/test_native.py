@@ -154,3 +154,22 @@ def test_real_anatomy_pairs_move_the_scan_and_its_labels_together(tmp_path):
     coarse = make_real_anatomy_pairs(RealAnatomyConfig(image=src["image"], labels=src["labels"], pairs=1,
                                                        spacing_mm=4.0), tmp_path / "coarse")
     assert nib.load(coarse.fixed.iloc[0]).header.get_zooms()[:3] == (4.0, 4.0, 4.0)
+
+
+def test_docs_blocks_are_rendered_from_the_tables_between_markers(tmp_path):
+    from ldreg.docs import native_block, update_markdown
+
+    table = native_accuracy_table(pd.DataFrame([
+        {"method": "identity", "pair_id": "p", "dice": 0.5, "seconds": np.nan, "threads": 2, "shape": "4x4x4",
+         "spacing_mm": 1.0, "folding_fraction": 0.0, "sdlogj": 0.0, "hd95_mm": 3.0},
+        {"method": "peer_greedy_fast", "pair_id": "p", "dice": 0.9, "seconds": 7.5, "threads": 2, "shape": "4x4x4",
+         "spacing_mm": 1.0, "folding_fraction": 0.0, "sdlogj": 0.1, "hd95_mm": 1.0}]))
+    block = native_block(table)
+    assert block.splitlines()[2].startswith("| peer_greedy_fast | 0.900 ± 0.000 | 0.400 |")  # best first
+    doc = tmp_path / "README.md"
+    doc.write_text("intro\n<!-- begin generated: real -->\nold numbers\n<!-- end generated: real -->\n"
+                   "<!-- begin generated: speed -->\nkept\n<!-- end generated: speed -->\n")
+    assert update_markdown(doc, {"real": block}) == ["real"]
+    text = doc.read_text()
+    assert "old numbers" not in text and "peer_greedy_fast" in text and "kept" in text
+    assert update_markdown(doc, {"real": block}) == ["real"] and doc.read_text() == text  # idempotent

@@ -110,6 +110,16 @@ def _register_args(p) -> None:
     p.set_defaults(func=_cmd_register)
 
 
+def _cmd_docs(args) -> None:
+    from .docs import render_blocks, update_markdown
+
+    blocks = render_blocks(args.results)
+    if not blocks:
+        raise InputError(f"{args.results}/tables: no tables to render (run the workflow first)")
+    for path in args.files:
+        print(f"{path}: {', '.join(update_markdown(path, blocks)) or 'no generated block'}")
+
+
 def _spacings(text: str) -> tuple[float, ...]:
     try:
         values = tuple(float(v) for v in text.split(","))
@@ -132,6 +142,11 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=["torchscript", "onnx"], required=True)
     export.add_argument("--output", required=True)
     export.set_defaults(func=_cmd_export)
+    docs = sub.add_parser("docs", help="write a run's headline tables into Markdown files (between "
+                                       "'<!-- begin generated: NAME -->' markers)")
+    docs.add_argument("files", nargs="+", help="Markdown files to update, e.g. README.md docs/results.md")
+    docs.add_argument("--results", default="results", help="the run's results folder (default: %(default)s)")
+    docs.set_defaults(func=_cmd_docs)
     return parser
 
 
