@@ -138,7 +138,7 @@ def test_every_table_and_figure_exists_with_sane_values(tiny_run):
 def test_native_resolution_and_real_anatomy_tables_score_every_method(tiny_run):
     """Every method at the scan's own resolution through register's path, on the cohort's test
     pairs and on the real anatomy (Colin27 + AAL, resampled to 4 mm in the tiny config)."""
-    expected = {"identity", "affine", "teacher", "student_aldk", "peer_ants_syn", "peer_greedy_fast",
+    expected = {"identity", "affine", "student_aldk", "peer_ants_syn", "peer_greedy_fast",
                 "student_aldk+refine5"}
     for stem in ("accuracy_native", "accuracy_real"):
         table = pd.read_csv(tiny_run / "tables" / f"{stem}.csv").set_index("method")
@@ -353,9 +353,10 @@ def test_slurm_profile_runs_the_tiny_config_for_real(tmp_path):
     submitted = re.findall(r"submitted with SLURM jobid (\d+)", log)
     rules = set(re.findall(r"slurm_logs/rule_(\w+)/", log))
     # the tiny config's students learn from refined fields (config.yaml's targets)
-    assert {"train_teacher", "cache_refined_teacher_flows", "train_student", "evaluate", "tables"} <= rules, rules
+    assert {"train_teacher", "cache_refined_teacher_flows", "train_student", "evaluate", "tables", "make_real_anatomy",
+            "evaluate_native", "native_tables"} <= rules, rules
     assert len(submitted) >= 15
-    for table in ("accuracy", "ablation", "speed"):
+    for table in ("accuracy", "ablation", "speed", "accuracy_native", "accuracy_real"):
         assert (tmp_path / "results" / "tables" / f"{table}.csv").stat().st_size > 0
     accuracy = pd.read_csv(tmp_path / "results" / "tables" / "accuracy.csv")
     assert {"teacher", "student_aldk", "identity"} <= set(accuracy.method)

@@ -21,12 +21,13 @@ from dataclasses import dataclass
 import nibabel as nib
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .data import Preprocessing, grid_at_spacing, preprocess_array
 from .io import InputError, field_to_itk_array, field_to_voxel_array, load_volume, save_volume
 from .modelfile import load_model
 from .networks import prepare_for_inference
-from .optimise import gaussian_smooth, ncc_descent, spatial_gradient
+from .optimise import ncc_descent, spatial_gradient
 from .warp import (affine_plus_linear, grid_sample_channels_last, identity_grid, label_sampling_dtype, normalising_map,
                    sample_at, sample_axis_aligned, warp_image, warp_labels)
 
@@ -76,11 +77,18 @@ def _scan_tensor(prepared: Prepared) -> torch.Tensor:
 
 
 def _level_image(scan: torch.Tensor, scan_affine: np.ndarray, shape, affine: np.ndarray, spacing: float) -> torch.Tensor:
-    """The scan smoothed against aliasing (a Gaussian of half the level's spacing, where that
-    is coarser than the scan's) and resampled onto the level grid (1, 1, *shape)."""
-    scan_spacing = float(np.mean(np.linalg.norm(scan_affine[:3, :3], axis=0)))
-    sigma = 0.5 * spacing / scan_spacing if spacing > 1.01 * scan_spacing else 0.0
-    smooth = gaussian_smooth(scan, sigma) if sigma > 0.3 else scan
+    """The scan averaged over blocks of about the level's spacing (against aliasing; a block
+    mean costs a hundredth of a Gaussian at full resolution) and resampled onto the level grid
+    (1, 1, *shape)."""
+    voxel = np.linalg.norm(scan_affine[:3, :3], axis=0)
+    block = tuple(max(1, int(np.floor(spacing / v + 1e-3))) for v in voxel)
+    smooth, scan_affine = scan, np.asarray(scan_affine, dtype=np.float64)
+    if max(block) > 1:
+        smooth = F.avg_pool3d(scan, block, block, ceil_mode=True, count_include_pad=False)
+        # block k's centre lies at scan voxel k * block + (block - 1) / 2
+        pooled = np.diag(list(block) + [1.0])
+        pooled[:3, 3] = (np.array(block) - 1) / 2
+        scan_affine = scan_affine @ pooled
     to_scan = np.linalg.inv(scan_affine) @ affine
     if _is_diagonal(to_scan[:3, :3]):
         out = sample_axis_aligned(smooth[0], np.diag(to_scan)[:3], to_scan[:3, 3], shape)
