@@ -17,7 +17,7 @@ from .io import InputError
 from .modelfile import load_model
 from .engines import default_precision, precision_native, skip_reason
 from .networks import PRECISIONS, complexity
-from .optimise import DEFAULT_REFINE_SPACINGS, refine_schedule
+from .optimise import DEFAULT_REFINE_SPACINGS, DEFAULT_REFINE_STEPS, refine_schedule
 from .register import Registrar, write_outputs
 
 
@@ -100,10 +100,10 @@ def _register_args(p) -> None:
                    help="convolutions (channels-last) in float32 or bfloat16; auto: bfloat16 where the CPU has "
                         "bf16 units (AMX, AVX512-BF16), else float32")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--refine-steps", type=int, default=0, metavar="K",
+    p.add_argument("--refine-steps", type=int, default=DEFAULT_REFINE_STEPS, metavar="K",
                    help="refine the network's map on the pair's own images, coarse to fine (Greedy's scheme: local "
                         "NCC, smoothed steps): K iterations at the coarsest --refine-spacings level, half as many at "
-                        "each finer one; 0: the network alone")
+                        "each finer one (default: %(default)s); 0: the network alone")
     p.add_argument("--refine-spacings", type=_spacings, default=DEFAULT_REFINE_SPACINGS, metavar="MM,MM",
                    help="the refinement's levels in mm, coarse to fine (default: %(default)s); the last is the "
                         "finest spacing it reaches")

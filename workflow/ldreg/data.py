@@ -45,11 +45,21 @@ def embedded_atlas_paths() -> tuple[Path, Path]:
     return image, labels
 
 
-def grid_at_spacing(img, spacing: float):
-    """A RAS grid of the given isotropic spacing covering ``img``'s field of view."""
-    corners = np.array([[i, j, k] for i in (0, img.shape[0] - 1) for j in (0, img.shape[1] - 1) for k in (0, img.shape[2] - 1)])
+def _world_extent(img, first, last) -> tuple[np.ndarray, np.ndarray]:
+    """World-space (RAS mm) minimum and maximum of the voxel box ``first``..``last`` of ``img``."""
+    corners = np.array([[i, j, k] for i in (first[0], last[0]) for j in (first[1], last[1]) for k in (first[2], last[2])])
     world = nib.affines.apply_affine(img.affine, corners)
-    lo, hi = world.min(0), world.max(0)
+    return world.min(0), world.max(0)
+
+
+def grid_at_spacing(img, spacing: float, box=None, margin_mm: float = 0.0):
+    """A RAS grid of the given isotropic spacing covering ``img``'s field of view, or the voxel
+    box ``(first, last)`` of it grown by ``margin_mm`` (within the field of view)."""
+    whole = (np.zeros(3, int), np.array(img.shape[:3]) - 1)
+    lo, hi = _world_extent(img, *whole)
+    if box is not None:
+        box_lo, box_hi = _world_extent(img, *box)
+        lo, hi = np.maximum(box_lo - margin_mm, lo), np.minimum(box_hi + margin_mm, hi)
     shape = tuple(int(np.floor((h - l) / spacing)) + 1 for l, h in zip(lo, hi))
     affine = np.diag([spacing, spacing, spacing, 1.0])
     affine[:3, 3] = lo

@@ -6,7 +6,8 @@ tables from ``results/tables/*.csv`` and writes them between markers in Markdown
 so that a rerun regenerates them and nothing is copied by hand. Blocks: ``real`` (the real
 anatomy at 1 mm), ``native`` (the default cohort's test pairs at their own resolution),
 ``grid`` (the model's grid), ``speed`` (the register path end to end at the scan's resolution),
-``cpu`` (the machine every number was measured on)."""
+``cpu`` (the machine every number was measured on), and ``md_<stem>`` for any table as the run
+wrote it (``results/tables/<stem>.md``)."""
 from __future__ import annotations
 
 import re
@@ -79,6 +80,8 @@ def render_blocks(results_dir) -> dict:
         blocks["grid"] = grid_block(pd.read_csv(tables / "accuracy.csv"))
     if (tables / "speed_profile.csv").exists():
         blocks["speed"] = speed_block(pd.read_csv(tables / "speed_profile.csv"))
+    for md in sorted(tables.glob("*.md")):  # any whole table as the run wrote it: block md_<stem>
+        blocks[f"md_{md.stem}"] = md.read_text().rstrip("\n")
     return blocks
 
 

@@ -132,23 +132,27 @@ class _Adam:
 
 
 @functools.lru_cache(maxsize=64)
-def _filter_matrix(n: int, taps: tuple, dtype: torch.dtype) -> torch.Tensor:
-    """(n, n) matrix of a centred 1D filter with zeros outside (banded, applied as a product)."""
+def _filter_matrix(n: int, taps: tuple, dtype: torch.dtype, renormalise: bool = False) -> torch.Tensor:
+    """(n, n) matrix of a centred 1D filter with zeros outside (banded, applied as a product);
+    ``renormalise``: each row divided by its sum, so that near the ends the filter averages
+    what lies inside instead of pulling towards zero."""
     radius = len(taps) // 2
     matrix = torch.zeros(n, n, dtype=torch.float64)
     index = torch.arange(n)
     for offset, weight in zip(range(-radius, radius + 1), taps):
         keep = (index + offset >= 0) & (index + offset < n)
         matrix[index[keep], index[keep] + offset] = weight
+    if renormalise:
+        matrix /= matrix.sum(1, keepdim=True)
     return matrix.to(dtype)
 
 
-def separable_filter(volume: torch.Tensor, taps: tuple) -> torch.Tensor:
+def separable_filter(volume: torch.Tensor, taps: tuple, renormalise: bool = False) -> torch.Tensor:
     """(1, C, D, H, W) filtered by the same centred 1D filter along each axis, zeros outside.
     Three dense products with banded matrices: on the CPU many times faster than a depthwise
     conv3d or a stride-1 avg_pool3d (0.1-0.7 s for a 3-channel 77x95x80 volume on 2 threads)."""
     _, c, d, h, w = volume.shape
-    mats = [_filter_matrix(n, taps, volume.dtype) for n in (d, h, w)]
+    mats = [_filter_matrix(n, taps, volume.dtype, renormalise) for n in (d, h, w)]
     out = (volume.reshape(-1, w) @ mats[2].T).view(c, d, h, w)
     out = torch.matmul(mats[1], out)  # (h, h) x (c, d, h, w) -> along H
     out = (mats[0] @ out.reshape(c, d, h * w)).view(1, c, d, h, w)
@@ -162,13 +166,13 @@ def box_mean(volume: torch.Tensor, radius: int) -> torch.Tensor:
 
 
 def gaussian_smooth(volume: torch.Tensor, sigma: float) -> torch.Tensor:
-    """(1, C, D, H, W) smoothed by a Gaussian of ``sigma`` voxels (truncated at 3 sigma, zeros
-    outside)."""
+    """(1, C, D, H, W) smoothed by a Gaussian of ``sigma`` voxels (truncated at 3 sigma,
+    renormalised at the ends: a constant field stays constant)."""
     if sigma <= 0:
         return volume
     radius = max(1, math.ceil(3 * sigma))
     taps = [math.exp(-t * t / (2 * sigma * sigma)) for t in range(-radius, radius + 1)]
-    return separable_filter(volume, tuple(t / sum(taps) for t in taps))
+    return separable_filter(volume, tuple(t / sum(taps) for t in taps), renormalise=True)
 
 
 def ncc_gradient(fixed: torch.Tensor, warped: torch.Tensor, radius: int, eps: float = 1e-5):
@@ -206,7 +210,8 @@ def ncc_descent(moving: torch.Tensor, fixed: torch.Tensor, base: torch.Tensor, r
                 iterations: int, radius: int = 2, step: float = 1.0, sigma_update: float = math.sqrt(3),
                 sigma_field: float = math.sqrt(0.5), compose: bool = True) -> tuple[torch.Tensor, dict]:
     """``iterations`` Greedy-style steps at one level. ``moving`` (1, 4, ...): the moving image
-    and its spatial gradient on its own grid; ``fixed`` (1, 1, D, H, W); ``base`` (3, D, H, W):
+    and its spatial gradient on its own grid (or (1, 1, ...), the image alone: the warped
+    image's gradient is used); ``fixed`` (1, 1, D, H, W); ``base`` (3, D, H, W):
     the moving grid's voxel coordinates of each fixed voxel under the start map; ``residual``
     (3, D, H, W) in voxels of either grid (same spacing and axes), updated and returned with
     {'ncc_start', 'ncc_end'} (mean local NCC^2 before the first and the last step). Each step
@@ -221,7 +226,10 @@ def ncc_descent(moving: torch.Tensor, fixed: torch.Tensor, base: torch.Tensor, r
     for i in range(iterations):
         coords = grid + total if compose else base + residual
         sampled = _sample_voxels(moving, coords)
-        warped, moving_gradient = sampled[:, :1], sampled[0, 1:]
+        warped = sampled[:, :1]
+        # the moving image's gradient where it is sampled, or (one channel given) the warped
+        # image's own: the derivative a composed step needs, for a quarter of the sampling
+        moving_gradient = sampled[0, 1:] if moving.shape[1] > 1 else spatial_gradient(warped)[0]
         d_warped, ncc = ncc_gradient(fixed, warped, radius)
         if i == 0:
             record["ncc_start"] = ncc
@@ -242,6 +250,9 @@ def ncc_descent(moving: torch.Tensor, fixed: torch.Tensor, base: torch.Tensor, r
 # the refinement's levels (mm), coarse to fine, and its iterations at the coarsest (halved at
 # each finer level, as Greedy's schedules go): chosen by measurement, docs/experiments.md
 DEFAULT_REFINE_SPACINGS = (4.0, 2.0)
+# register's default: the setting the README recommends (Dice level with Greedy 10x5x0 on the
+# tuning pairs, docs/experiments.md)
+DEFAULT_REFINE_STEPS = 10
 
 
 def refine_schedule(steps: int, spacings=DEFAULT_REFINE_SPACINGS) -> tuple[tuple[float, int], ...]:
@@ -265,6 +276,5 @@ def refine_on_grid(moving: torch.Tensor, fixed: torch.Tensor, flow: torch.Tensor
         return flow
     shape = tuple(fixed.shape[2:])
     grid = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=flow.dtype) for n in shape], indexing="ij"))
-    stack = torch.cat([moving, spatial_gradient(moving)], 1)
-    residual, _ = ncc_descent(stack, fixed, grid + flow[0], torch.zeros_like(flow[0]), iterations, **options)
+    residual, _ = ncc_descent(moving, fixed, grid + flow[0], torch.zeros_like(flow[0]), iterations, **options)
     return flow + residual[None]
