@@ -173,3 +173,23 @@ def test_docs_blocks_are_rendered_from_the_tables_between_markers(tmp_path):
     text = doc.read_text()
     assert "old numbers" not in text and "peer_greedy_fast" in text and "kept" in text
     assert update_markdown(doc, {"real": block}) == ["real"] and doc.read_text() == text  # idempotent
+
+
+def test_targets_are_read_off_the_tables_with_their_distance():
+    from ldreg.docs import targets_block
+
+    def table(rows):
+        return pd.DataFrame([{"method": m, "dice_mean": d, "seconds": s, "flag": ""} for m, d, s in rows])
+
+    real = table([("identity", 0.57, np.nan), ("student_aldk_long", 0.74, 0.8), ("student_aldk_long+refine10", 0.911, 1.6),
+                  ("student_aldk_long+refine20", 0.927, 2.7), ("peer_greedy_fast", 0.910, 4.1)])
+    lines = targets_block(real).splitlines()
+    assert "+0.170" in lines[2] and lines[2].endswith("| met |")
+    # level with Greedy fast at 1.6 s of its 4.1: 0.39 of its time, 0.23 s over a third
+    assert "student_aldk_long+refine10 0.911 in 1.60 s (0.39 of Greedy's time)" in lines[3]
+    assert "missed: 0.23 s too slow" in lines[3]
+    assert "student_aldk_long+refine20 0.927" in lines[4] and "missed by 0.023 Dice" in lines[4]
+    native = table([("identity", 0.22, np.nan), ("student_aldk_long+refine5", 0.60, 0.5), ("peer_greedy_fast", 0.56, 1.8),
+                    ("peer_ants_syn", 0.47, 17.0)])
+    last = targets_block(real, native).splitlines()[-1]
+    assert "student_aldk_long+refine5 0.600 in 0.50 s" in last and last.endswith("| met |")
