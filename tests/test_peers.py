@@ -31,19 +31,15 @@ def test_ants_end_to_end_on_files_warps_image_and_labels_and_times_each_stage(tm
     from ldreg.peers import ants_register_files
 
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
-    moving, moving_labels = blob_volume((32, 32, 32), centre=[15, 16, 16], radius=7)
-    fixed, fixed_labels = blob_volume((32, 32, 32), centre=[18, 16, 16], radius=7)
-    paths = {}
-    for name, data in (("moving", moving), ("fixed", fixed), ("labels", moving_labels.astype(np.int16))):
-        paths[name] = tmp_path / f"{name}.nii"
-        nib.save(nib.Nifti1Image(data, affine), paths[name])
+    paths, moving_labels, fixed_labels = _shifted_blob_files(tmp_path)
+    fixed_shape = (32, 32, 32)
     done = ants_register_files(paths["moving"], paths["fixed"], paths["labels"], tmp_path, threads=1)
     times = done.times
     assert set(times) == {"preprocess", "network", "warp", "write"} and all(t > 0 for t in times.values())
     assert done.warp_file.exists() and done.warped_labels == tmp_path / "warped_labels.nii"
     warped = nib.load(tmp_path / "warped.nii")
     warped_labels = np.asarray(nib.load(tmp_path / "warped_labels.nii").dataobj)
-    assert warped.shape == fixed.shape and np.allclose(warped.affine, affine)
+    assert warped.shape == fixed_shape and np.allclose(warped.affine, affine)
     assert set(np.unique(warped_labels)) <= {0, 1}  # nearest neighbour: no blended labels
     assert mean_dice(warped_labels.astype(int), fixed_labels) > mean_dice(moving_labels, fixed_labels) + 0.2
 
