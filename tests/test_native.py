@@ -4,7 +4,6 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from conftest import blob_volume
 from ldreg.data import Preprocessing

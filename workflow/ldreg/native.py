@@ -77,10 +77,7 @@ def _peer_runner(method: Method, threads: int, greedy_settings: dict):
     else:
         if not peers.GREEDY_AVAILABLE:
             raise InputError(peers.greedy_missing_note())
-        if method.setting not in greedy_settings:
-            raise ValueError(f"{method.name}: no Greedy setting {method.setting!r} in peers.greedy.settings "
-                             f"({sorted(greedy_settings)})")
-        setting = peers.GreedySetting(**greedy_settings[method.setting])
+        setting = peers.greedy_setting(greedy_settings, method.setting)
         register = lambda m, f, ml, out: peers.greedy_register_files(m, f, ml, out, threads, setting)
 
     def run(moving, fixed, moving_labels, out_dir) -> NativeOutput:

@@ -135,6 +135,13 @@ class GreedySetting:
             raise ValueError(f"Greedy iterations must read like '10x5x0', got {self.iterations!r}")
 
 
+def greedy_setting(settings: dict, name: str) -> GreedySetting:
+    """The named entry of ``peers.greedy.settings``, checked."""
+    if name not in settings:
+        raise ValueError(f"peer_greedy_{name}: no setting {name!r} in peers.greedy.settings ({sorted(settings)})")
+    return GreedySetting(**settings[name])
+
+
 def _greedy(command: str, log_path: Path) -> None:
     """One Greedy command (its command-line syntax) in this process; its chatter to ``log_path``."""
     from picsl_greedy import Greedy3D

@@ -211,7 +211,7 @@ def evaluate(config, method: str, model_path, subjects_csv, pairs_csv, per_pair_
     if spec.kind == "ants":
         predict = peers.ants_predictor(spacing, torch.get_num_threads())
     elif spec.kind == "greedy":
-        setting = peers.GreedySetting(**_greedy_settings(config, spec))
+        setting = peers.greedy_setting(config["peers"]["greedy"]["settings"], spec.setting)
         predict = peers.greedy_predictor(spacing, torch.get_num_threads(), setting)
     elif spec.optimises:
         predict = refined_predictor(spec, model_path, config["evaluation"]["refine"], device)
@@ -237,13 +237,6 @@ def _write_skipped(method: str, note: str, per_pair_csv, per_label_csv) -> None:
     log.warning("%s: %s", method, note)
     write_csv(pd.DataFrame([{"method": method, "note": note}]), per_pair_csv)
     write_csv(pd.DataFrame(columns=["method", "pair_id", "label", "dice"]), per_label_csv)
-
-
-def _greedy_settings(config: dict, method: Method) -> dict:
-    settings = config["peers"]["greedy"]["settings"]
-    if method.setting not in settings:
-        raise ValueError(f"{method.name}: no setting {method.setting!r} in peers.greedy.settings ({sorted(settings)})")
-    return settings[method.setting]
 
 
 def evaluate_native(config, method: str, model_path, pairs_csv, per_pair_csv, per_label_csv, cohort: str,
