@@ -45,6 +45,17 @@ def embedded_atlas_paths() -> tuple[Path, Path]:
     return image, labels
 
 
+def mask_bounds(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """First and last index along each axis where ``mask`` (3D) holds, from its projections on
+    the axes (no list of voxels); the whole volume when it holds nowhere."""
+    first, last = np.zeros(3, dtype=int), np.array(mask.shape) - 1
+    if mask.any():
+        for axis in range(3):
+            hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+            first[axis], last[axis] = hits[0], hits[-1]
+    return first, last
+
+
 def _world_extent(img, first, last) -> tuple[np.ndarray, np.ndarray]:
     """World-space (RAS mm) minimum and maximum of the voxel box ``first``..``last`` of ``img``."""
     corners = np.array([[i, j, k] for i in (first[0], last[0]) for j in (first[1], last[1]) for k in (first[2], last[2])])
@@ -348,16 +359,8 @@ def target_grid(img, data: np.ndarray, prep: Preprocessing, robust_range) -> np.
     bounding box in world space (the box is cropped or padded to the grid). ``robust_range`` is
     the image's 1st and 99th percentile."""
     lo, hi = robust_range
-    mask = data > lo + prep.foreground_fraction * (hi - lo)
-    corners = np.zeros((2, 3), dtype=int)
-    corners[1] = np.array(data.shape) - 1
-    if mask.any():  # the box from the mask's projections on each axis (no list of voxels)
-        for axis in range(3):
-            hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
-            corners[:, axis] = hits[0], hits[-1]
-    box = np.array([[corners[i][0], corners[j][1], corners[k][2]] for i in (0, 1) for j in (0, 1) for k in (0, 1)])
-    world = nib.affines.apply_affine(img.affine, box)
-    centre = (world.min(0) + world.max(0)) / 2
+    world_lo, world_hi = _world_extent(img, *mask_bounds(data > lo + prep.foreground_fraction * (hi - lo)))
+    centre = (world_lo + world_hi) / 2
     affine = np.diag([prep.spacing_mm] * 3 + [1.0])
     affine[:3, 3] = centre - prep.spacing_mm * (np.array(prep.grid) - 1) / 2
     return affine

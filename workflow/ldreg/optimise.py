@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .checks import check_field_batch, check_volume_batch
 from .losses import similarity_loss, smoothness_loss
-from .warp import grid_sample_threaded, warp_image
+from .warp import identity_grid, sample_at, warp_image
 
 log = logging.getLogger(__name__)
 
@@ -126,9 +126,9 @@ class _Adam:
 # Refinement on the pair's own images, coarse to fine (what `register --refine-steps` runs).
 # Greedy's scheme (Yushkevich et al.), written for torch on the CPU, no autograd: the local
 # NCC's gradient in closed form from box filters, the update smoothed by a Gaussian, scaled to a
-# fixed largest step and added to a residual field, the residual smoothed in turn. The network's
-# map is the start; the residual lives on grids of the fixed image's field of view at the
-# level's spacing, and the moving image is sampled at the network's map plus the residual.
+# fixed largest step and composed with the whole map, which is smoothed in turn. The network's
+# map is the start; the refinement lives on grids over the fixed image's foreground at the
+# level's spacing, and the moving image is sampled at the refined map.
 
 
 @functools.lru_cache(maxsize=64)
@@ -198,14 +198,6 @@ def spatial_gradient(volume: torch.Tensor) -> torch.Tensor:
     return torch.stack(torch.gradient(volume[0, 0]))[None]
 
 
-def _sample_voxels(volume: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-    """(1, C, d, h, w) sampled trilinearly (border clamping) at voxel coordinates (3, D, H, W)."""
-    shape = volume.shape[2:]
-    scale = torch.tensor([2.0 / max(s - 1, 1) for s in shape], dtype=coords.dtype).view(3, 1, 1, 1)
-    grid = (coords * scale - 1).flip(0).permute(1, 2, 3, 0)[None]
-    return grid_sample_threaded(volume, grid, "bilinear", "border")
-
-
 def ncc_descent(moving: torch.Tensor, fixed: torch.Tensor, base: torch.Tensor, residual: torch.Tensor,
                 iterations: int, radius: int = 2, step: float = 1.0, sigma_update: float = math.sqrt(3),
                 sigma_field: float = math.sqrt(0.5), compose: bool = True) -> tuple[torch.Tensor, dict]:
@@ -220,12 +212,12 @@ def ncc_descent(moving: torch.Tensor, fixed: torch.Tensor, base: torch.Tensor, r
     resampled and smoothed with it too)."""
     record = {}
     if compose:  # the whole map as a displacement on this grid, the network's part included
-        grid = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=base.dtype) for n in base.shape[1:]], indexing="ij"))
+        grid = identity_grid(base.shape[1:], dtype=base.dtype)
         start = base - grid
         total = start + residual
     for i in range(iterations):
         coords = grid + total if compose else base + residual
-        sampled = _sample_voxels(moving, coords)
+        sampled = sample_at(moving[0], coords, "bilinear")[None]
         warped = sampled[:, :1]
         # the moving image's gradient where it is sampled, or (one channel given) the warped
         # image's own: the derivative a composed step needs, for a quarter of the sampling
@@ -239,7 +231,7 @@ def ncc_descent(moving: torch.Tensor, fixed: torch.Tensor, base: torch.Tensor, r
         largest = math.sqrt(float((update[0] * update[0] + update[1] * update[1] + update[2] * update[2]).max()))
         update = update * (step / largest) if largest > 0 else update
         if compose:
-            total = update + _sample_voxels(total[None], grid + update)[0]
+            total = update + sample_at(total, grid + update, "bilinear")
             total = gaussian_smooth(total[None], sigma_field)[0]
         else:
             residual = gaussian_smooth((residual + update)[None], sigma_field)[0]
@@ -274,7 +266,6 @@ def refine_on_grid(moving: torch.Tensor, fixed: torch.Tensor, flow: torch.Tensor
     plus the residual it finds, (1, 3, ...)."""
     if not iterations:
         return flow
-    shape = tuple(fixed.shape[2:])
-    grid = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=flow.dtype) for n in shape], indexing="ij"))
+    grid = identity_grid(fixed.shape[2:], dtype=flow.dtype)
     residual, _ = ncc_descent(moving, fixed, grid + flow[0], torch.zeros_like(flow[0]), iterations, **options)
     return flow + residual[None]

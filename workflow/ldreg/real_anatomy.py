@@ -20,7 +20,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from .data import (SyntheticConfig, deform_volume, grid_at_spacing, intensity_changes, random_deformation,
+from .data import (SyntheticConfig, deform_volume, grid_at_spacing, intensity_changes, mask_bounds, random_deformation,
                    resample_to_grid)
 from .io import InputError, check_same_grid, load_volume, save_volume, write_csv
 
@@ -62,9 +62,8 @@ def _crop_box(mask: np.ndarray, margin: int, factor: int) -> tuple[slice, ...]:
     """The mask's bounding box grown by ``margin``, each side's length made ``factor * k + 1``
     (so that the coarse grid's corners fall on voxels)."""
     box = []
-    for axis in range(3):
-        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
-        lo, hi = max(hits[0] - margin, 0), hits[-1] + margin + 1
+    for first, last in zip(*mask_bounds(mask)):
+        lo, hi = max(first - margin, 0), last + margin + 1
         length = hi - lo
         length += (1 - length) % factor
         box.append(slice(lo, lo + length))

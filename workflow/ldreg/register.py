@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import Preprocessing, grid_at_spacing, preprocess_array
+from .data import Preprocessing, grid_at_spacing, mask_bounds, preprocess_array
 from .io import InputError, field_to_itk_array, field_to_voxel_array, load_volume, save_volume
 from .modelfile import load_model
 from .networks import prepare_for_inference
@@ -74,20 +74,6 @@ def _scan_tensor(prepared: Prepared) -> torch.Tensor:
     step = max(1, round((raw.size / 2e5) ** (1 / 3)))
     scale = float(np.percentile(raw[::step, ::step, ::step], 99)) or 1.0
     return torch.from_numpy(raw)[None, None] / scale
-
-
-def _foreground_box(raw: np.ndarray, scaled: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """First and last voxel index along each axis of the fixed scan's foreground (above a tenth
-    of its 99th percentile, which ``scaled`` is 1 at)."""
-    mask = (scaled[0, 0] > 0.1).numpy()
-    if not mask.any():
-        return np.zeros(3, int), np.array(raw.shape) - 1
-    lo, hi = [], []
-    for axis in range(3):
-        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
-        lo.append(hits[0])
-        hi.append(hits[-1])
-    return np.array(lo), np.array(hi)
 
 
 def _level_image(scan: torch.Tensor, scan_affine: np.ndarray, shape, affine: np.ndarray, spacing: float) -> torch.Tensor:
@@ -149,7 +135,8 @@ class Registrar:
         Returns the residual (mm, RAS, on the finest level's grid) and each level's seconds."""
         times, residual, grid = {}, None, None
         fixed_scan, moving_scan = _scan_tensor(fixed), _scan_tensor(moving)
-        box = _foreground_box(fixed.raw, fixed_scan)
+        # the fixed scan's foreground: above a tenth of its 99th percentile (where the scaled scan is 1)
+        box = mask_bounds((fixed_scan[0, 0] > 0.1).numpy())
         for spacing, iterations in levels:
             t = time.perf_counter()
             # the level's grid covers the fixed image's foreground (and a margin for the windows)
@@ -160,9 +147,11 @@ class Registrar:
             moving_stack = _level_image(moving_scan, moving.img.affine, moving_shape, moving_affine, spacing)
             # the start map: level voxel z -> fixed preprocessed voxel p -> p + u(p) -> moving level voxel
             to_pre = np.linalg.inv(fixed.affine) @ affine
-            flow_cl = sample_axis_aligned(flow, np.diag(to_pre)[:3], to_pre[:3, 3], shape).permute(1, 2, 3, 0)
-            if not _is_diagonal(to_pre[:3, :3]):
-                flow_cl = sample_at(flow, _apply(to_pre, identity_grid(shape)), "bilinear").permute(1, 2, 3, 0)
+            if _is_diagonal(to_pre[:3, :3]):
+                flow_at = sample_axis_aligned(flow, np.diag(to_pre)[:3], to_pre[:3, 3], shape)
+            else:
+                flow_at = sample_at(flow, _apply(to_pre, identity_grid(shape)), "bilinear")
+            flow_cl = flow_at.permute(1, 2, 3, 0)
             pre_to_level = np.linalg.inv(moving_affine) @ moving.affine
             base = affine_plus_linear((pre_to_level @ to_pre)[:3], pre_to_level[:3, :3], flow_cl.contiguous())
             base = base.permute(3, 0, 1, 2).contiguous()
