@@ -215,3 +215,15 @@ def test_register_refinement_on_the_scan_recovers_a_known_shift_coarse_to_fine(t
     with pytest.raises(ValueError, match="coarse to fine"):
         refine_schedule(5, (2.0, 4.0))
     assert refine_schedule(0) == ()
+
+
+def test_the_warp_lattice_lies_on_the_source_grid_and_covers_the_fixed_grid():
+    from ldreg.register import _lattice
+
+    source = np.diag([2.0, 2.0, 3.0, 1.0])
+    source[:3, 3] = [1.0, 0.0, 4.5]  # third axis: off the fixed voxels (a half voxel)
+    lattice = _lattice((10, 11, 12), np.eye(4), source)
+    steps, first = np.diag(lattice.affine)[:3], lattice.affine[:3, 3]
+    assert list(steps) == [2, 2, 3] and list(first) == [-1, 0, 0] and lattice.crop == (1, 0, 0)
+    # the first two axes' points are the source's own (odd / even voxels); every axis reaches the last voxel
+    assert all(f + s * (n - 1) >= size - 1 for f, s, n, size in zip(first, steps, lattice.shape, (10, 11, 12)))

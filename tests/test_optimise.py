@@ -114,3 +114,19 @@ def test_the_written_out_adam_matches_torch_adam():
         loss.backward()
         reference.step()
     torch.testing.assert_close(ours, theirs.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_separable_filters_equal_a_direct_3d_convolution():
+    from ldreg.optimise import box_mean, gaussian_smooth
+
+    volume = torch.rand(1, 2, 9, 10, 11, generator=torch.Generator().manual_seed(1))
+    box = torch.nn.functional.conv3d(volume.reshape(2, 1, 9, 10, 11), torch.full((1, 1, 5, 5, 5), 1 / 125), padding=2)
+    torch.testing.assert_close(box_mean(volume, 2), box.reshape(1, 2, 9, 10, 11), atol=1e-6, rtol=0)
+    # renormalised at the ends: a constant stays constant, the inside is a plain Gaussian
+    torch.testing.assert_close(gaussian_smooth(torch.full((1, 3, 8, 9, 10), 2.5), 1.5), torch.full((1, 3, 8, 9, 10), 2.5))
+    taps = torch.exp(-torch.arange(-3, 4.0) ** 2 / 2)
+    taps /= taps.sum()
+    kernel = taps[:, None, None] * taps[None, :, None] * taps[None, None, :]
+    inside = torch.nn.functional.conv3d(volume.reshape(2, 1, 9, 10, 11), kernel[None, None])
+    torch.testing.assert_close(gaussian_smooth(volume, 1.0)[:, :, 3:6, 3:7, 3:8], inside.reshape(1, 2, 3, 4, 5),
+                               atol=1e-5, rtol=0)

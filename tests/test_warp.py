@@ -105,3 +105,31 @@ def test_one_pass_affine_sampling_grid_equals_sampling_at_mapped_points():
     grid = affine_plus_linear((norm @ np.vstack([to_moving, [0, 0, 0, 1]]))[:3], norm[:3, :3] @ linear, field)
     got = grid_sample_channels_last(moving, grid, "bilinear")
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_whole_factor_upsampling_equals_trilinear_interpolation_and_keeps_the_cut():
+    from ldreg.warp import upsample_linear
+
+    coarse = torch.rand(5, 6, 7, 3, generator=torch.Generator().manual_seed(0))
+    fine = upsample_linear(coarse, (2, 1, 0), (3, 2, 2), (1, 0, 1), (17, 10, 8))
+    reference = torch.nn.functional.interpolate(coarse.permute(3, 0, 1, 2)[None], size=(9, 11, 19), mode="trilinear",
+                                                align_corners=True)[0].permute(1, 2, 3, 0)
+    torch.testing.assert_close(fine, reference[1:9, 0:10, 1:18], atol=1e-6, rtol=0)
+    assert fine.shape == (8, 10, 17, 3) and fine.is_contiguous()  # the outermost cut last: still one block
+
+
+@pytest.mark.parametrize("depth", [7, 8, 3])
+def test_threaded_grid_sample_equals_one_call_for_any_depth(depth):
+    from ldreg.warp import grid_sample_threaded
+
+    g = torch.Generator().manual_seed(depth)
+    image = torch.rand(1, 2, 6, 7, 8, generator=g)
+    grid = torch.rand(1, depth, 5, 4, 3, generator=g) * 2 - 1
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = grid_sample_threaded(image, grid, "bilinear", "border")
+    finally:
+        torch.set_num_threads(previous)
+    expected = torch.nn.functional.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    torch.testing.assert_close(out, expected)

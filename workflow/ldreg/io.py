@@ -129,14 +129,16 @@ def field_to_itk_array(field, affine) -> np.ndarray:
     antsApplyTransforms, SimpleITK's DisplacementFieldTransform, 3D Slicer) apply as it is:
     physical millimetres on LPS axes, laid out (D, H, W, 1, 3) as ANTs writes its warps (a 5D
     NIfTI with vector intent, on the same grid and affine)."""
-    # voxel -> LPS mm in one 3x3 matrix, applied as a multi-threaded float32 matmul (a float64
-    # einsum took 0.46 s for a 154x188x154 field on 2 threads; this, a tenth of that)
-    to_lps = torch.from_numpy((_RAS_TO_LPS[:, None] * np.asarray(affine, dtype=np.float64)[:3, :3]).T.astype(np.float32))
-    field = torch.as_tensor(np.asarray(field, dtype=np.float32))
-    shape = field.shape[1:]
-    # (N, 3) rows: a view when the field's memory is channels-last (register's), else one copy
-    mm_lps = field.permute(1, 2, 3, 0).reshape(-1, 3) @ to_lps
-    return mm_lps.reshape(*shape, 1, 3).numpy()
+    # voxel -> LPS mm: each output channel a weighted sum of the three input ones, computed with
+    # the spatial axes reversed, so that the result is already in NIfTI's (Fortran) order and
+    # is written without a copy (register's field comes in that layout: no copy here either)
+    to_lps = _RAS_TO_LPS[:, None] * np.asarray(affine, dtype=np.float64)[:3, :3]
+    field = torch.as_tensor(np.asarray(field, dtype=np.float32)).permute(0, 3, 2, 1)  # (3, W, H, D)
+    out = torch.empty(field.shape, dtype=torch.float32)
+    for c in range(3):
+        torch.mul(field[0], float(to_lps[c, 0]), out=out[c])
+        out[c].add_(field[1], alpha=float(to_lps[c, 1])).add_(field[2], alpha=float(to_lps[c, 2]))
+    return out.numpy().T.reshape(*field.shape[:0:-1], 1, 3, order="F")
 
 
 def itk_array_to_field(array, affine) -> np.ndarray:

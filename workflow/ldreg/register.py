@@ -29,7 +29,7 @@ from .modelfile import load_model
 from .networks import prepare_for_inference
 from .optimise import ncc_descent
 from .warp import (affine_plus_linear, grid_sample_channels_last, identity_grid, label_sampling_dtype, normalising_map,
-                   sample_at, sample_axis_aligned, warp_image, warp_labels)
+                   sample_at, sample_axis_aligned, upsample_linear, warp_image, warp_labels)
 
 
 @dataclass
@@ -56,6 +56,15 @@ def _apply(matrix: np.ndarray, points: torch.Tensor) -> torch.Tensor:
     """A 4x4 voxel map applied to coordinates (3, ...)."""
     m = torch.from_numpy(matrix).to(points.dtype)
     return torch.einsum("ij,j...->i...", m[:3, :3], points) + m[:3, 3].view(3, *[1] * (points.ndim - 1))
+
+
+@dataclass
+class Labels:
+    """A moving label map ready for sampling (float32, exact below 2^24: float64 beyond) and
+    the integer type its file stores."""
+
+    data: torch.Tensor
+    stored_dtype: np.dtype
 
 
 @dataclass
@@ -95,6 +104,59 @@ def _level_image(scan: torch.Tensor, scan_affine: np.ndarray, shape, affine: np.
     else:
         out = sample_at(smooth[0], _apply(to_scan, identity_grid(shape)), "bilinear")
     return out.contiguous()[None]
+
+
+@dataclass
+class _Lattice:
+    """Points every ``step`` voxels of a fixed grid of ``shape`` (an integer step; the first at
+    voxel ``-crop``), reaching past its last voxel: trilinear upsampling from them (align_corners)
+    lands on every voxel once the ``crop`` is cut off."""
+
+    shape: tuple
+    affine: np.ndarray  # lattice index -> fixed voxel (diagonal)
+    crop: tuple
+
+
+def _lattice(fixed_shape, fixed_affine: np.ndarray, source_affine: np.ndarray) -> _Lattice:
+    """The lattice at the source grid's spacing (rounded down to whole fixed voxels) and, where
+    the source's points fall on fixed voxels, on them: its values are then the source's own,
+    and upsampling interpolates once, as sampling the source at every voxel would."""
+    to_fixed = np.linalg.inv(fixed_affine) @ source_affine
+    ratio = np.abs(np.diag(to_fixed)[:3]) if _is_diagonal(to_fixed[:3, :3]) else None
+    if ratio is None:  # an oblique source: its spacing, in fixed voxels, along the coarsest axis
+        ratio = np.full(3, np.linalg.norm(source_affine[:3, :3], axis=0).min()
+                        / np.linalg.norm(fixed_affine[:3, :3], axis=0).max())
+    step = np.maximum(1, np.floor(ratio + 1e-6)).astype(int)
+    aligned = np.isclose(ratio, step) & np.isclose(to_fixed[:3, 3], np.round(to_fixed[:3, 3]))
+    first = np.where(aligned, np.mod(np.round(to_fixed[:3, 3]), step), 0).astype(int)  # first point at or after voxel 0
+    first = np.where(first > 0, first - step, first)  # ... moved to or before it
+    shape = tuple(int(np.ceil((n - 1 - o) / s)) + 1 for n, o, s in zip(fixed_shape, first, step))
+    affine = np.diag(list(step.astype(float)) + [1.0])
+    affine[:3, 3] = first
+    return _Lattice(shape, affine, tuple(int(-o) for o in first))
+
+
+def _sample_map(field: torch.Tensor, to_field: np.ndarray, shape) -> torch.Tensor:
+    """A (3, d, h, w) field sampled trilinearly at the points ``to_field`` maps a grid of
+    ``shape`` to: (*shape, 3), channels last."""
+    if _is_diagonal(to_field[:3, :3]):
+        out = sample_axis_aligned(field, np.diag(to_field)[:3], to_field[:3, 3], shape)
+    else:
+        out = sample_at(field, _apply(to_field, identity_grid(shape)), "bilinear")
+    return out.permute(1, 2, 3, 0).contiguous()
+
+
+def _upsample(lattice_cl: torch.Tensor, lattice: _Lattice, fixed_shape, reverse: bool = False) -> torch.Tensor:
+    """(d, h, w, C) values on ``lattice`` -> at every voxel of the fixed grid: (D, H, W, C)
+    contiguous, or with ``reverse`` (C, D, H, W) laid out in memory as (C, W, H, D) (NIfTI's
+    order)."""
+    values = lattice_cl.permute(3, 2, 1, 0) if reverse else lattice_cl
+    dims = (1, 2, 3) if reverse else (2, 1, 0)  # the outermost axis last: its cut keeps the memory contiguous
+    axes = (2, 1, 0)  # the fixed axis each of those dims holds
+    steps = np.diag(lattice.affine)[:3].astype(int)
+    out = upsample_linear(values, dims, [steps[a] for a in axes], [lattice.crop[a] for a in axes],
+                          [fixed_shape[a] for a in axes])
+    return out.permute(0, 3, 2, 1) if reverse else out
 
 
 class Registrar:
@@ -166,16 +228,20 @@ class Registrar:
             times[f"refine_{spacing:g}mm"] = time.perf_counter() - t
         return Residual(residual * float(grid[0, 0]), grid), times
 
+    def read_labels(self, path, moving: Prepared) -> Labels:
+        """The moving image's label map, checked to lie on its grid."""
+        data, img = load_volume(path, "labels")
+        if data.shape != moving.raw.shape or not np.allclose(img.affine, moving.img.affine, atol=1e-3):
+            raise InputError(f"{path}: label map is not on the grid of {moving.path}")
+        labels = torch.from_numpy(data)
+        return Labels(labels.to(label_sampling_dtype(labels)), img.get_data_dtype())
+
     @torch.inference_mode()
-    def warp(self, flow: torch.Tensor, moving: Prepared, fixed: Prepared, moving_labels_path=None,
+    def warp(self, flow: torch.Tensor, moving: Prepared, fixed: Prepared, moving_labels: Labels | None = None,
              residual: Residual | None = None) -> dict:
         """Warped moving image (and labels) and the field, all on the fixed image's own grid;
         ``residual`` (from :meth:`refine_on_scan`) is added to the network's map."""
-        labels = None
-        if moving_labels_path:
-            labels, labels_img = load_volume(moving_labels_path, "labels")
-            if labels.shape != moving.raw.shape or not np.allclose(labels_img.affine, moving.img.affine, atol=1e-3):
-                raise InputError(f"{moving_labels_path}: label map is not on the grid of {moving.path}")
+        labels = None if moving_labels is None else moving_labels.data
         fixed_shape = tuple(fixed.raw.shape)
         fixed_to_pre = np.linalg.inv(fixed.affine) @ fixed.img.affine  # fixed voxel -> preprocessed voxel
         pre_to_moving = np.linalg.inv(moving.img.affine) @ moving.affine  # preprocessed -> moving voxel
@@ -184,39 +250,36 @@ class Registrar:
                 and fixed_shape == tuple(flow.shape[1:]) == tuple(moving.raw.shape)):
             # both images on the model's grid: the network's field is the answer as it is
             warped = warp_image(torch.from_numpy(moving.raw)[None, None], flow[None])[0, 0]
-            warped_labels = None if labels is None else warp_labels(torch.from_numpy(labels)[None, None], flow[None])[0, 0]
+            warped_labels = None if labels is None else warp_labels(labels[None, None], flow[None])[0, 0]
             field = flow
         else:
-            if _is_diagonal(fixed_to_pre[:3, :3]):  # the common case: the same axes, rescaled
-                flow_at = sample_axis_aligned(flow, np.diag(fixed_to_pre), fixed_to_pre[:3, 3], fixed_shape)
-            else:
-                flow_at = sample_at(flow, _apply(fixed_to_pre, identity_grid(fixed_shape)), "bilinear")
-            flow_cl = flow_at.permute(1, 2, 3, 0).contiguous()  # a no-op for sample_axis_aligned's output
-            if residual is not None:  # mm on its grid -> moving preprocessed voxels at the fixed voxels
-                fixed_to_res = np.linalg.inv(residual.affine) @ fixed.img.affine
+            # the maps are built on a lattice over the fixed grid as fine as the finest source field
+            # (the residual's level, else the network's grid) and upsampled once, trilinearly: what
+            # interpolating each source to every voxel gives, at a fraction of the full-size passes
+            source = residual.affine if residual is not None else fixed.affine
+            lattice = _lattice(fixed_shape, fixed.img.affine, source)
+            flow_cl = _sample_map(flow, fixed_to_pre @ lattice.affine, lattice.shape)
+            if residual is not None:  # mm on its grid -> moving preprocessed voxels at the lattice points
                 to_pre_units = torch.from_numpy(np.linalg.inv(moving.affine[:3, :3]).astype(np.float32))
-                if _is_diagonal(fixed_to_res[:3, :3]):
-                    res_at = sample_axis_aligned(residual.field_mm, np.diag(fixed_to_res)[:3], fixed_to_res[:3, 3],
-                                                 fixed_shape).permute(1, 2, 3, 0)
-                else:
-                    res_at = sample_at(residual.field_mm, _apply(fixed_to_res, identity_grid(fixed_shape)),
-                                       "bilinear").permute(1, 2, 3, 0)
-                flow_cl += (res_at.reshape(-1, 3) @ to_pre_units.T).view(flow_cl.shape)
-            # fixed voxel y -> the moving preprocessed voxel fixed_to_pre(y) + u(y) -> the moving
-            # image's voxel (in grid_sample's units) and the fixed image's own voxel: both affine
-            # in y plus a 3x3 matrix times u(y), built in one pass each
+                res_cl = _sample_map(residual.field_mm, np.linalg.inv(residual.affine) @ fixed.img.affine @ lattice.affine,
+                                     lattice.shape)
+                flow_cl = flow_cl + (res_cl.reshape(-1, 3) @ to_pre_units.T).view(flow_cl.shape)
+            # lattice point i -> fixed voxel y = L i -> the moving preprocessed voxel fixed_to_pre(y) + u ->
+            # the moving image's voxel (in grid_sample's units) and the fixed image's own voxel: both
+            # affine in i plus a 3x3 matrix times u
             to_grid = np.vstack([normalising_map(moving.raw.shape), [0, 0, 0, 1]]) @ pre_to_moving
-            sampling = affine_plus_linear((to_grid @ fixed_to_pre)[:3], to_grid[:3, :3], flow_cl)
-            to_fixed = (pre_to_fixed @ fixed_to_pre)[:3] - np.eye(4)[:3]
-            field = affine_plus_linear(to_fixed, pre_to_fixed[:3, :3], flow_cl).permute(3, 0, 1, 2)
+            sampling = affine_plus_linear((to_grid @ fixed_to_pre @ lattice.affine)[:3], to_grid[:3, :3], flow_cl)
+            to_fixed = (pre_to_fixed @ fixed_to_pre @ lattice.affine)[:3] - lattice.affine[:3]
+            field_cl = affine_plus_linear(to_fixed, pre_to_fixed[:3, :3], flow_cl)
+            sampling = _upsample(sampling, lattice, fixed_shape)
+            # the field with its axes reversed in memory: Fortran order, as the files want it
+            field = _upsample(field_cl, lattice, fixed_shape, reverse=True)
             warped = grid_sample_channels_last(torch.from_numpy(moving.raw)[None], sampling, "bilinear")[0]
             warped_labels = None
             if labels is not None:
-                labels_t = torch.from_numpy(labels)
-                dtype = label_sampling_dtype(labels_t)
-                warped_labels = grid_sample_channels_last(labels_t.to(dtype)[None], sampling, "nearest")[0].round()
+                warped_labels = grid_sample_channels_last(labels[None], sampling, "nearest")[0].round()
         if warped_labels is not None:  # the label file's own integer type (float-stored labels: int32)
-            stored = labels_img.get_data_dtype()
+            stored = moving_labels.stored_dtype
             warped_labels = warped_labels.numpy().astype(stored if np.issubdtype(stored, np.integer) else np.int32)
         # the field may be a (3, D, H, W) view of channels-last memory: the layout the files want
         return {"warped": warped.numpy(), "field": field.numpy(), "warped_labels": warped_labels, "fixed_img": fixed.img}
@@ -224,11 +287,14 @@ class Registrar:
     def register(self, moving_path, fixed_path, moving_labels_path=None) -> dict:
         """All stages for one pair; ``times`` holds each stage's seconds."""
         times, t = {}, time.perf_counter()
-        # the two images side by side: reading and the percentile sort are single-threaded
-        with ThreadPoolExecutor(1) as pool:
+        # the files side by side: reading (gzip) and the percentile sort are single-threaded
+        with ThreadPoolExecutor(2) as pool:
             pending = pool.submit(self.prepare, moving_path)
-            fixed = self.prepare(fixed_path)
+            fixed_read = pool.submit(self.prepare, fixed_path)
             moving = pending.result()
+            labels = pool.submit(self.read_labels, moving_labels_path, moving) if moving_labels_path else None
+            fixed = fixed_read.result()
+            labels = labels.result() if labels else None
         times["preprocess"] = time.perf_counter() - t
         t = time.perf_counter()
         flow = self.predict(moving, fixed)
@@ -238,7 +304,7 @@ class Registrar:
             residual, level_times = self.refine_on_scan(flow, moving, fixed, self.refine_levels)
             times.update(level_times)
         t = time.perf_counter()
-        result = self.warp(flow, moving, fixed, moving_labels_path, residual)
+        result = self.warp(flow, moving, fixed, labels, residual)
         times["warp"] = time.perf_counter() - t
         result["times"] = times
         return result

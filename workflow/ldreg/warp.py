@@ -32,15 +32,20 @@ def _normalised_identity(shape, dtype, device) -> torch.Tensor:
 def grid_sample_threaded(image: torch.Tensor, grid: torch.Tensor, mode: str, padding_mode: str) -> torch.Tensor:
     """``F.grid_sample`` (align_corners) that uses every thread on a single volume: torch's 3D
     CPU kernel parallelises over the batch only, so one volume's output grid is cut into
-    slabs along D that run as a batch over the same (not copied) input."""
+    slabs along D that run as a batch over the same (not copied) input (the rows left over
+    when D is not a multiple of the threads sampled on their own)."""
     slabs = torch.get_num_threads()
     n, depth = grid.shape[0], grid.shape[1]
-    if n != 1 or slabs < 2 or depth % slabs:
-        return F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
-    out = F.grid_sample(image.expand(slabs, *image.shape[1:]), grid.reshape(slabs, depth // slabs, *grid.shape[2:]),
-                        mode=mode, padding_mode=padding_mode, align_corners=True)
-    # (slabs, C, D/slabs, H, W) -> (1, C, D, H, W)
-    return out.transpose(0, 1).reshape(1, image.shape[1], depth, *grid.shape[2:4])
+    sample = lambda img, g: F.grid_sample(img, g, mode=mode, padding_mode=padding_mode, align_corners=True)
+    if n != 1 or slabs < 2 or depth < 2 * slabs:
+        return sample(image, grid)
+    rows = depth // slabs
+    even = sample(image.expand(slabs, *image.shape[1:]), grid[0, :rows * slabs].reshape(slabs, rows, *grid.shape[2:]))
+    # (slabs, C, rows, H, W) -> (1, C, slabs * rows, H, W)
+    even = even.transpose(0, 1).reshape(1, image.shape[1], rows * slabs, *grid.shape[2:4])
+    if rows * slabs == depth:
+        return even
+    return torch.cat([even, sample(image, grid[:, rows * slabs:])], 2)
 
 
 def _sample(image: torch.Tensor, field: torch.Tensor, mode: str) -> torch.Tensor:
@@ -94,6 +99,29 @@ def sample_axis_aligned(volume: torch.Tensor, scale, offset, shape) -> torch.Ten
     return out.permute(3, 0, 1, 2)
 
 
+def upsample_linear(volume: torch.Tensor, dims, steps, starts, sizes) -> torch.Tensor:
+    """Linear interpolation by whole factors: along each of ``dims`` (in that order) point ``i``
+    of ``volume`` becomes point ``i * step`` of a finer axis, with ``step - 1`` points blended
+    in between; of that axis, ``sizes`` points from ``starts`` are kept. One blending pass per
+    axis over the output (a 3-channel field to a 154x190x160 grid: 32 ms against
+    ``F.interpolate``'s 58 ms on 2 threads); the last axis done is cut as a view."""
+    out = volume
+    for dim, step, start, size in zip(dims, steps, starts, sizes):
+        m = out.shape[dim]
+        if step > 1 and m > 1:
+            shape = list(out.shape)
+            shape[dim] = (m - 1) * step + 1
+            fine = torch.empty(shape, dtype=out.dtype)
+            split = shape[:dim] + [m - 1, step] + shape[dim + 1:]
+            frac = (torch.arange(step, dtype=out.dtype) / step).view([step] + [1] * (len(shape) - dim - 1))
+            torch.lerp(out.narrow(dim, 0, m - 1).unsqueeze(dim + 1), out.narrow(dim, 1, m - 1).unsqueeze(dim + 1),
+                       frac, out=fine.narrow(dim, 0, (m - 1) * step).view(split))
+            fine.narrow(dim, (m - 1) * step, 1).copy_(out.narrow(dim, m - 1, 1))
+            out = fine
+        out = out.narrow(dim, start, size)
+    return out
+
+
 def affine_plus_linear(matrix: np.ndarray, linear: np.ndarray, field_cl: torch.Tensor) -> torch.Tensor:
     """``matrix`` (3x4: ``M y + t``) applied to the voxel coordinates ``y`` of the grid of
     ``field_cl`` (D, H, W, 3), plus ``linear`` (3x3) times the field there: (D, H, W, 3).
@@ -132,7 +160,10 @@ def normalising_map(shape) -> np.ndarray:
 
 def label_sampling_dtype(labels: torch.Tensor) -> torch.dtype:
     """float32 holds integer labels exactly below 2^24 (and samples faster); float64 beyond."""
-    return torch.float32 if labels.numel() == 0 or labels.abs().max() < 2**24 else torch.float64
+    if labels.numel() == 0:
+        return torch.float32
+    low, high = torch.aminmax(labels)  # one pass, multi-threaded (abs().max() makes a copy first)
+    return torch.float32 if max(-int(low), int(high)) < 2**24 else torch.float64
 
 
 def warp_image(image: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
