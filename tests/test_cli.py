@@ -7,7 +7,7 @@ import torch
 
 from conftest import blob_volume
 from ldreg.cli import export_model, main, register_main
-from ldreg.data import Preprocessing
+from ldreg.preprocessing import Preprocessing
 from ldreg.metrics import mean_dice
 from ldreg.modelfile import load_model, save_model
 from ldreg.networks import CascadeSpec, build_network

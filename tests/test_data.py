@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from ldreg import pipeline
-from ldreg.data import (Preprocessing, SyntheticConfig, download, folder_subjects, make_pairs, make_synthetic_cohort,
+from ldreg.preprocessing import Preprocessing
+from ldreg.data import (SyntheticConfig, download, folder_subjects, make_pairs, make_synthetic_cohort,
                         preprocess_cohort, preprocess_image, split_subjects, true_pair_field, unpack)
 from ldreg.io import InputError, load_volume
 from ldreg.metrics import mean_dice

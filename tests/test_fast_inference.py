@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from nibabel.processing import resample_from_to
 
 from conftest import blob_volume
-from ldreg.data import Preprocessing, percentiles, resample_to_grid
+from ldreg.preprocessing import Preprocessing, percentiles, resample_to_grid
 from ldreg.io import field_to_itk_array, save_volume
 from ldreg.modelfile import save_model
 from ldreg.networks import (CascadeSpec, affine_field, build_network, compose_after_affine, prepare_for_inference)

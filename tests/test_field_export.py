@@ -8,7 +8,7 @@ import torch
 
 from conftest import blob_volume
 from ldreg.cli import register_main
-from ldreg.data import Preprocessing
+from ldreg.preprocessing import Preprocessing
 from ldreg.metrics import mean_dice
 from ldreg.modelfile import save_model
 from ldreg.networks import CascadeSpec, build_network

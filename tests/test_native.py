@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from conftest import blob_volume
-from ldreg.data import Preprocessing
+from ldreg.preprocessing import Preprocessing
 from ldreg.io import InputError, field_to_itk_array, itk_array_to_field
 from ldreg.methods import Method, parse_method
 from ldreg.modelfile import save_model

@@ -6,7 +6,7 @@ import torch
 from conftest import blob_volume
 from ldreg.losses import (affine_losses, correlation_loss, critic_loss, distillation_loss, local_ncc_loss,
                           smoothness_loss, with_condition)
-from ldreg.data import Preprocessing
+from ldreg.preprocessing import Preprocessing
 from ldreg.metrics import mean_dice
 from ldreg.modelfile import load_model, save_model
 from ldreg.networks import CascadeSpec, Critic, affine_field, build_network, complexity, count_parameters

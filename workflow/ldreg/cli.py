@@ -11,18 +11,22 @@ import json
 import sys
 import time
 
-import torch
+# nothing heavy at the top: `--help` and argument errors answer before torch is imported
+from .defaults import PRECISION_NAMES, REFINE_SPACINGS, REFINE_STEPS
 
-from .io import InputError
-from .modelfile import load_model
-from .engines import default_precision, precision_native, skip_reason
-from .networks import PRECISIONS, complexity
-from .optimise import DEFAULT_REFINE_SPACINGS, DEFAULT_REFINE_STEPS, refine_schedule
-from .register import Registrar, write_outputs
+_STARTED = time.perf_counter()  # the process's imports up to here are a few milliseconds
 
 
-def _cmd_register(args) -> None:
-    t0 = time.perf_counter()
+def _registrar(args):
+    """The model loaded as ``register`` and ``register-batch`` run it; (registrar, precision)."""
+    import torch
+
+    from .engines import default_precision, precision_native, skip_reason
+    from .optimise import refine_schedule
+    from .register import Registrar
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for but CUDA is not available")
     if args.threads:
         torch.set_num_threads(args.threads)
     precision = default_precision(args.device) if args.precision == "auto" else args.precision
@@ -31,19 +35,54 @@ def _cmd_register(args) -> None:
               "--precision auto picks float32 here", file=sys.stderr)
     # channels-last helps float32 too (oneDNN's fast 3D kernels): 1.69 -> 1.32 s at 128^3, 2 threads
     levels = refine_schedule(args.refine_steps, args.refine_spacings)
-    registrar = Registrar(args.model, args.device, precision, channels_last=True, refine_levels=levels)
+    return Registrar(args.model, args.device, precision, channels_last=True, refine_levels=levels), precision
+
+
+def _cmd_register(args) -> None:
+    from .register import write_outputs
+
+    t0 = time.perf_counter()
+    registrar, precision = _registrar(args)
     load_seconds = time.perf_counter() - t0
     result = registrar.register(args.moving, args.fixed, args.moving_labels)
     t = time.perf_counter()
     write_outputs(result, args.warped, args.field, args.warped_labels, args.field_in_fixed_voxels)
-    times = {"load_model": load_seconds, **result["times"], "write": time.perf_counter() - t}
+    times = {"start_up": t0 - _STARTED, "load_model": load_seconds, **result["times"], "write": time.perf_counter() - t}
     print(f"{'precision':>11}: {precision}")
     for stage, seconds in times.items():
         print(f"{stage:>11}: {seconds:7.3f} s")
-    print(f"{'total':>11}: {time.perf_counter() - t0:7.3f} s")
+    print(f"{'total':>11}: {time.perf_counter() - _STARTED:7.3f} s (start_up: the imports after Python's own start)")
+
+
+def _cmd_register_batch(args) -> None:
+    import logging
+
+    from .batch import BatchOptions, pairs_from_csv, pairs_from_folder, register_batch
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    if bool(args.pairs) == bool(args.moving_dir):
+        raise ValueError("give either --pairs CSV or --moving-dir DIR with --fixed")
+    if args.moving_dir and not args.fixed:
+        raise ValueError("--moving-dir needs --fixed (the image every moving scan is registered to)")
+    pairs = (pairs_from_csv(args.pairs) if args.pairs
+             else pairs_from_folder(args.moving_dir, args.fixed, args.pattern, args.fixed_labels))
+    registrar, _ = _registrar(args)
+    options = BatchOptions(suffix=args.suffix, qc=args.qc, write_field=not args.no_field)
+    summary = register_batch(registrar, pairs, args.out_dir, options)
+    print(summary.drop(columns=["moving", "fixed"], errors="ignore").to_string(index=False, float_format="%.3f"))
+    print(f"summary: {args.out_dir}/summary.csv" + (f", pictures: {args.out_dir}/report.md" if args.qc else ""))
+    if (summary.status == "error").any():
+        raise _BatchFailed(f"{int((summary.status == 'error').sum())} of {len(summary)} pairs failed (see the summary)")
+
+
+class _BatchFailed(Exception):
+    """Some pairs of a batch failed; the others completed."""
 
 
 def _cmd_info(args) -> None:
+    from .modelfile import load_model
+    from .networks import complexity
+
     model, prep, payload = load_model(args.model)
     info = complexity(model, prep.grid)
     out = {"name": payload["name"], "architecture": payload["spec"], "parameters": info["parameters"],
@@ -52,20 +91,24 @@ def _cmd_info(args) -> None:
     print(json.dumps(out, indent=2, default=str))
 
 
-class _FlowOnly(torch.nn.Module):
-    """The exported graph: (moving, fixed) -> composed field."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, moving, fixed):
-        return self.model(moving, fixed)["flow"]
-
-
 def export_model(model_path, out_path, fmt: str) -> None:
+    import torch
+
+    from .io import InputError
+    from .modelfile import load_model
+
+    class FlowOnly(torch.nn.Module):
+        """The exported graph: (moving, fixed) -> composed field."""
+
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, moving, fixed):
+            return self.model(moving, fixed)["flow"]
+
     model, prep, _ = load_model(model_path)
-    wrapper = _FlowOnly(model).eval()
+    wrapper = FlowOnly(model).eval()
     example = (torch.rand(1, 1, *prep.grid), torch.rand(1, 1, *prep.grid))
     if fmt == "torchscript":
         with torch.inference_mode():
@@ -83,8 +126,25 @@ def _cmd_export(args) -> None:
     print(f"wrote {args.output}")
 
 
-def _register_args(p) -> None:
+def _model_args(p) -> None:
+    """The options ``register`` and ``register-batch`` share: the model and how it runs."""
     p.add_argument("--model", required=True, help="model file (.pt) written by the workflow")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--precision", choices=["auto", *sorted(PRECISION_NAMES)], default="auto",
+                   help="convolutions (channels-last) in float32 or bfloat16; auto: bfloat16 where the CPU has "
+                        "bf16 units (AMX, AVX512-BF16), else float32")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--refine-steps", type=int, default=REFINE_STEPS, metavar="K",
+                   help="refine the network's map on the pair's own images, coarse to fine (Greedy's scheme: local "
+                        "NCC, smoothed steps): K iterations at the coarsest --refine-spacings level, half as many at "
+                        "each finer one (default: %(default)s); 0: the network alone")
+    p.add_argument("--refine-spacings", type=_spacings, default=REFINE_SPACINGS, metavar="MM,MM",
+                   help="the refinement's levels in mm, coarse to fine (default: 4,2); the last is the finest "
+                        "spacing it reaches")
+
+
+def _register_args(p) -> None:
+    _model_args(p)
     p.add_argument("--moving", required=True)
     p.add_argument("--fixed", required=True)
     p.add_argument("--warped", required=True, help="output: moving image warped onto the fixed grid")
@@ -95,23 +155,28 @@ def _register_args(p) -> None:
                         "other tool reads this)")
     p.add_argument("--moving-labels", help="label map of the moving image")
     p.add_argument("--warped-labels", help="output: moving labels warped (nearest)")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--precision", choices=["auto", *sorted(PRECISIONS)], default="auto",
-                   help="convolutions (channels-last) in float32 or bfloat16; auto: bfloat16 where the CPU has "
-                        "bf16 units (AMX, AVX512-BF16), else float32")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--refine-steps", type=int, default=DEFAULT_REFINE_STEPS, metavar="K",
-                   help="refine the network's map on the pair's own images, coarse to fine (Greedy's scheme: local "
-                        "NCC, smoothed steps): K iterations at the coarsest --refine-spacings level, half as many at "
-                        "each finer one (default: %(default)s); 0: the network alone")
-    p.add_argument("--refine-spacings", type=_spacings, default=DEFAULT_REFINE_SPACINGS, metavar="MM,MM",
-                   help="the refinement's levels in mm, coarse to fine (default: %(default)s); the last is the "
-                        "finest spacing it reaches")
     p.set_defaults(func=_cmd_register)
+
+
+def _batch_args(p) -> None:
+    _model_args(p)
+    p.add_argument("--pairs", help="CSV of pairs: columns moving, fixed (optional: pair_id, moving_labels, "
+                                   "fixed_labels for Dice); relative paths from the CSV's folder")
+    p.add_argument("--moving-dir", help="instead of --pairs: a folder of moving scans, each registered to --fixed")
+    p.add_argument("--fixed", help="with --moving-dir: the fixed image (a template)")
+    p.add_argument("--fixed-labels", help="with --moving-dir: the fixed image's label map (not needed for Dice: "
+                                          "that needs moving labels, i.e. --pairs)")
+    p.add_argument("--pattern", default="*.nii*", help="with --moving-dir: which files (default: %(default)s)")
+    p.add_argument("--out-dir", required=True, help="one folder per pair, summary.csv/.md (and report.md)")
+    p.add_argument("--suffix", choices=[".nii.gz", ".nii"], default=".nii.gz", help="of the images written")
+    p.add_argument("--qc", action="store_true", help="a picture per pair (qc.png) and a page of them (report.md)")
+    p.add_argument("--no-field", action="store_true", help="do not write the displacement fields")
+    p.set_defaults(func=_cmd_register_batch)
 
 
 def _cmd_docs(args) -> None:
     from .docs import render_blocks, update_markdown
+    from .io import InputError
 
     blocks = render_blocks(args.results)
     if not blocks:
@@ -134,6 +199,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ldreg", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _register_args(sub.add_parser("register", help="register a NIfTI pair with a trained model"))
+    _batch_args(sub.add_parser("register-batch", help="register many pairs (a CSV, or a folder to one template) in "
+                                                      "one process; resumes, skips complete pairs"))
     info = sub.add_parser("info", help="architecture, parameters, FLOPs and training of a model file")
     info.add_argument("model")
     info.set_defaults(func=_cmd_info)
@@ -154,12 +221,9 @@ def _run(args) -> int:
     if getattr(args, "warped_labels", None) and not getattr(args, "moving_labels", None):
         print("error: --warped-labels needs --moving-labels", file=sys.stderr)
         return 2
-    if getattr(args, "device", "cpu") == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda asked for but CUDA is not available", file=sys.stderr)
-        return 2
     try:
         args.func(args)
-    except (InputError, ValueError, OSError) as exc:
+    except (ValueError, OSError, _BatchFailed) as exc:  # ldreg.io.InputError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .data import Preprocessing
+from .preprocessing import Preprocessing
 from .io import InputError, atomic_path
 from .networks import CascadedRegistration, build_network
 
@@ -48,7 +48,4 @@ def load_model(path, device: str = "cpu"):
     payload = read_model_file(path)
     model = build_network(payload["spec"])  # a dict: older spellings of options are mapped
     model.load_state_dict(payload["state_dict"])
-    prep = payload["preprocessing"]
-    prep = Preprocessing(spacing_mm=prep["spacing_mm"], grid=tuple(prep["grid"]), percentiles=tuple(prep["percentiles"]),
-                         foreground_fraction=prep["foreground_fraction"])
-    return model.to(device).eval(), prep, payload
+    return model.to(device).eval(), Preprocessing.from_dict(payload["preprocessing"]), payload

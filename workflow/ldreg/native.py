@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .data import resample_to_grid
+from .preprocessing import resample_to_grid
 from .evaluate import registration_flag
 from .io import InputError, itk_array_to_field, load_volume
 from .methods import Method

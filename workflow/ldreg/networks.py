@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from .checks import check_divisible, check_volume_batch
+from .defaults import PRECISION_NAMES
 from .warp import compose, warp_image
 
 
@@ -272,7 +273,7 @@ class Critic(nn.Module):
         return maps
 
 
-PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+PRECISIONS = {name: getattr(torch, name) for name in PRECISION_NAMES}
 
 
 def prepare_for_inference(model: CascadedRegistration, precision: str = "float32",

@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 
 from .checks import check_field_batch, check_volume_batch
-from .losses import similarity_loss, smoothness_loss
 from .warp import identity_grid, sample_at, warp_image
 
 log = logging.getLogger(__name__)
@@ -35,6 +34,7 @@ def optimise_field(moving: torch.Tensor, fixed: torch.Tensor, start: torch.Tenso
     the images and field at half resolution, where a step costs about an eighth (coarse to
     fine: the large displacements first). Returns (field, {'similarity_start',
     'similarity_end'}, both at full resolution); zero steps return ``start`` itself."""
+    from .losses import similarity_loss, smoothness_loss  # here: monai's import (~1.4 s) is not on register's path
     check_volume_batch("moving", moving, channels=1)
     check_volume_batch("fixed", fixed, channels=1)
     shape = tuple(moving.shape[2:])
@@ -243,12 +243,7 @@ def ncc_descent(moving: torch.Tensor, fixed: torch.Tensor, base: torch.Tensor, r
     return (total - start if compose else residual), record
 
 
-# the refinement's levels (mm), coarse to fine, and its iterations at the coarsest (halved at
-# each finer level, as Greedy's schedules go): chosen by measurement, docs/experiments.md
-DEFAULT_REFINE_SPACINGS = (4.0, 2.0)
-# register's default: the setting the README recommends (Dice level with Greedy 10x5x0 on the
-# tuning pairs, docs/experiments.md)
-DEFAULT_REFINE_STEPS = 10
+from .defaults import REFINE_SPACINGS as DEFAULT_REFINE_SPACINGS, REFINE_STEPS as DEFAULT_REFINE_STEPS  # noqa: E402,F401
 
 
 def refine_schedule(steps: int, spacings=DEFAULT_REFINE_SPACINGS) -> tuple[tuple[float, int], ...]:

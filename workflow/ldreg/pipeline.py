@@ -22,6 +22,7 @@ from .io import InputError, write_csv
 from .methods import Method, parse_method
 from .modelfile import load_model, read_model_file, save_model
 from .networks import CascadeSpec, build_network, complexity
+from .preprocessing import Preprocessing
 from .report import (ablation_table, accuracy_table, accuracy_vs_time, dice_boxplot, learning_curves, qualitative_panel,
                      speed_table, training_curves, write_table)
 from .timing import time_model_grid
@@ -49,10 +50,8 @@ def setup_logging(log_path=None, threads: int | None = None) -> None:
         torch.set_num_threads(usable_threads(threads))
 
 
-def preprocessing_from(config: dict) -> data_mod.Preprocessing:
-    p = config["preprocessing"]
-    return data_mod.Preprocessing(spacing_mm=p["spacing_mm"], grid=tuple(p["grid"]), percentiles=tuple(p["percentiles"]),
-                                  foreground_fraction=p["foreground_fraction"])
+def preprocessing_from(config: dict) -> Preprocessing:
+    return Preprocessing.from_dict(config["preprocessing"])
 
 
 # ------------------------------------------------------------------------------------- data

@@ -20,8 +20,8 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from .data import (SyntheticConfig, deform_volume, grid_at_spacing, intensity_changes, mask_bounds, random_deformation,
-                   resample_to_grid)
+from .data import SyntheticConfig, deform_volume, intensity_changes, random_deformation
+from .preprocessing import grid_at_spacing, mask_bounds, resample_to_grid
 from .io import InputError, check_same_grid, load_volume, save_volume, write_csv
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import Preprocessing, grid_at_spacing, mask_bounds, preprocess_array
+from .preprocessing import Preprocessing, grid_at_spacing, mask_bounds, preprocess_array
 from .io import InputError, field_to_itk_array, field_to_voxel_array, load_volume, save_volume
 from .modelfile import load_model
 from .networks import prepare_for_inference
@@ -56,6 +56,16 @@ def _apply(matrix: np.ndarray, points: torch.Tensor) -> torch.Tensor:
     """A 4x4 voxel map applied to coordinates (3, ...)."""
     m = torch.from_numpy(matrix).to(points.dtype)
     return torch.einsum("ij,j...->i...", m[:3, :3], points) + m[:3, 3].view(3, *[1] * (points.ndim - 1))
+
+
+@dataclass
+class PairInput:
+    """A pair read and preprocessed (``seconds`` it took), ready for the network."""
+
+    moving: Prepared
+    fixed: Prepared
+    labels: "Labels | None"
+    seconds: float
 
 
 @dataclass
@@ -284,10 +294,10 @@ class Registrar:
         # the field may be a (3, D, H, W) view of channels-last memory: the layout the files want
         return {"warped": warped.numpy(), "field": field.numpy(), "warped_labels": warped_labels, "fixed_img": fixed.img}
 
-    def register(self, moving_path, fixed_path, moving_labels_path=None) -> dict:
-        """All stages for one pair; ``times`` holds each stage's seconds."""
-        times, t = {}, time.perf_counter()
-        # the files side by side: reading (gzip) and the percentile sort are single-threaded
+    def read_pair(self, moving_path, fixed_path, moving_labels_path=None) -> PairInput:
+        """Read, check and preprocess a pair (and the moving labels), the files side by side:
+        reading (gzip) and the percentile sort are single-threaded."""
+        t = time.perf_counter()
         with ThreadPoolExecutor(2) as pool:
             pending = pool.submit(self.prepare, moving_path)
             fixed_read = pool.submit(self.prepare, fixed_path)
@@ -295,19 +305,28 @@ class Registrar:
             labels = pool.submit(self.read_labels, moving_labels_path, moving) if moving_labels_path else None
             fixed = fixed_read.result()
             labels = labels.result() if labels else None
-        times["preprocess"] = time.perf_counter() - t
+        return PairInput(moving, fixed, labels, time.perf_counter() - t)
+
+    def register_read(self, pair: PairInput) -> dict:
+        """The network, the refinement and the warp for a pair read by :meth:`read_pair`;
+        ``times`` holds each stage's seconds (reading and preprocessing as ``preprocess``)."""
+        times = {"preprocess": pair.seconds}
         t = time.perf_counter()
-        flow = self.predict(moving, fixed)
+        flow = self.predict(pair.moving, pair.fixed)
         times["network"] = time.perf_counter() - t
         residual = None
         if self.refine_levels:
-            residual, level_times = self.refine_on_scan(flow, moving, fixed, self.refine_levels)
+            residual, level_times = self.refine_on_scan(flow, pair.moving, pair.fixed, self.refine_levels)
             times.update(level_times)
         t = time.perf_counter()
-        result = self.warp(flow, moving, fixed, labels, residual)
+        result = self.warp(flow, pair.moving, pair.fixed, pair.labels, residual)
         times["warp"] = time.perf_counter() - t
         result["times"] = times
         return result
+
+    def register(self, moving_path, fixed_path, moving_labels_path=None) -> dict:
+        """All stages for one pair; ``times`` holds each stage's seconds."""
+        return self.register_read(self.read_pair(moving_path, fixed_path, moving_labels_path))
 
 
 def write_outputs(result: dict, warped_path, field_path=None, warped_labels_path=None,

@@ -78,7 +78,8 @@ def _profile_inputs(folder: Path, shape, spacing: float, seed: int) -> dict:
     template moved rigidly by a few degrees and millimetres (moving, with its Desikan-Killiany
     labels). A brain, not noise: an iterative method such as ANTs SyN runs until it converges,
     and on noise it has nothing to converge on (it failed outright on smoothed noise)."""
-    from .data import SyntheticConfig, embedded_atlas_paths, random_affine, resample_to_grid
+    from .data import SyntheticConfig, embedded_atlas_paths, random_affine
+    from .preprocessing import resample_to_grid
 
     image_path, labels_path = embedded_atlas_paths()
     atlas, atlas_labels = nib.load(image_path), nib.load(labels_path)

@@ -16,7 +16,6 @@ import functools
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.networks.blocks import DVF2DDF
 
 from .checks import check_field_batch, check_volume_batch
 
@@ -198,6 +197,8 @@ def compose(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
 def integrate_velocity(velocity: torch.Tensor, steps: int = 7) -> torch.Tensor:
     """Displacement of the flow of a stationary velocity field (voxels), by scaling and
     squaring; ``-velocity`` gives the inverse. Always a diffeomorphism for smooth input."""
+    from monai.networks.blocks import DVF2DDF  # imported here: monai takes ~1.4 s to import, register never needs it
+
     check_field_batch("velocity", velocity)
     return DVF2DDF(num_steps=steps, mode="bilinear", padding_mode="border")(velocity)
 
