@@ -20,6 +20,7 @@ include: "workflow/rules/student.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/native.smk"
+include: "workflow/rules/batch.smk"
 
 
 rule all:
@@ -28,6 +29,7 @@ rule all:
         rules.figures.output,
         rules.speed_profile.output,
         rules.native_tables.output if NATIVE_COHORTS else [],
+        rules.register_batch.output.summary if config["batch"]["enabled"] else [],
     default_target: True
 
 

@@ -82,6 +82,9 @@ def test_a_batch_resumes_skipping_complete_pairs_and_redoing_half_written_ones(t
     assert list(summary.status) == ["done before", "ok"]
     assert (out / "moving1" / "warped.nii.gz").stat().st_mtime_ns == first  # not rewritten
     assert (out / "moving2" / "field.nii.gz").exists()
+    # other settings (here: a refinement) make every pair's outputs stale
+    summary = register_batch(Registrar(model_path, refine_levels=((4.0, 1),)), pairs, out, show_progress=False)
+    assert list(summary.status) == ["ok", "ok"]
 
 
 def test_bad_inputs_are_reported_by_file_and_the_other_pairs_complete(tmp_path, cohort, model_path):

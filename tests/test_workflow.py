@@ -17,6 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "tiny_config.yaml"
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile")]
 
+pytestmark = pytest.mark.slow  # every test here runs Snakemake (the fast tier: pytest -m "not slow")
+
 
 def running_rules(log: str) -> list[str]:
     """Rules Snakemake's log shows started (``rule X:`` ... ``jobid: N``) and not finished."""
@@ -168,6 +170,15 @@ def test_native_resolution_and_real_anatomy_tables_score_every_method(tiny_run):
     assert (tiny_run / "figures" / "accuracy_vs_time_native.png").stat().st_size > 10_000
 
 
+def test_the_batch_target_registers_the_real_anatomy_pairs_with_pictures(tiny_run):
+    summary = pd.read_csv(tiny_run / "batch" / "summary.csv")
+    assert list(summary.status) == ["ok", "ok"] and (summary.dice > 0.3).all()
+    for pair in summary.pair_id:
+        assert (tiny_run / "batch" / pair / "qc.png").stat().st_size > 10_000
+        assert (tiny_run / "batch" / pair / "warped.nii.gz").exists()
+    assert "qc.png" in (tiny_run / "batch" / "report.md").read_text()
+
+
 def test_snakemake_report_carries_every_table_and_figure(tiny_run):
     import zipfile
 
@@ -227,6 +238,11 @@ def test_speed_profile_covers_every_native_configuration_and_guards_accuracy(tin
     assert by_model["student_aldk"] < by_model["teacher"]
     machine = pd.read_csv(tiny_run / "tables" / "speed_machine.csv")
     assert machine.cpu.str.contains("bf16 units").all()
+    # a register process's fixed cost: --help answers without torch, the imports cost more than torch's alone
+    start_up = machine[machine.op.str.startswith("start-up")].set_index("op").seconds
+    assert start_up["start-up: register --help"] < start_up["start-up: import torch"]
+    assert start_up["start-up: import torch"] < start_up["start-up: register's imports + load model"]
+    machine = machine[~machine.op.str.startswith("start-up")]
     measured = machine[machine.gflops_per_s.notna()]
     assert (measured.gflops_per_s > 0).all() and "float32" in set(measured.dtype)
     assert (machine.dtype == "bfloat16").any()  # measured, or a row saying why not
@@ -355,9 +371,10 @@ def test_slurm_profile_runs_the_tiny_config_for_real(tmp_path):
     rules = set(re.findall(r"slurm_logs/rule_(\w+)/", log))
     # the tiny config's students learn from refined fields (config.yaml's targets)
     assert {"train_teacher", "cache_refined_teacher_flows", "train_student", "evaluate", "tables", "make_real_anatomy",
-            "evaluate_native", "native_tables"} <= rules, rules
+            "evaluate_native", "native_tables", "register_batch"} <= rules, rules
     assert len(submitted) >= 15
     for table in ("accuracy", "ablation", "speed", "accuracy_native", "accuracy_real"):
         assert (tmp_path / "results" / "tables" / f"{table}.csv").stat().st_size > 0
+    assert set(pd.read_csv(tmp_path / "results" / "batch" / "summary.csv").status) == {"ok"}
     accuracy = pd.read_csv(tmp_path / "results" / "tables" / "accuracy.csv")
     assert {"teacher", "student_aldk", "identity"} <= set(accuracy.method)

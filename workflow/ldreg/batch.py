@@ -6,7 +6,7 @@ input reported in the summary without stopping the others.
 Per pair, under ``out_dir/<pair_id>/``: ``warped``, ``field`` (as ITK reads it, see
 :func:`ldreg.io.field_to_itk_array`), ``warped_labels`` when the pair has moving labels, an
 optional ``qc.png`` (:mod:`ldreg.qc`) and ``result.json``, written last: a pair is complete when
-it exists. Over the batch: ``summary.csv`` / ``summary.md`` (status, seconds per stage,
+it exists and names the model and refinement of this run (:func:`settings_of`). Over the batch: ``summary.csv`` / ``summary.md`` (status, seconds per stage,
 folding, Dice where both label maps are given) and, with pictures, ``report.md``."""
 from __future__ import annotations
 
@@ -118,8 +118,18 @@ def _outputs(pair: BatchPair, pair_dir: Path, options: BatchOptions) -> dict:
     return out
 
 
-def completed(pair: BatchPair, out_dir, options: BatchOptions) -> dict | None:
-    """The record of a pair whose outputs are all there (``result.json`` last), else None."""
+def settings_of(registrar) -> dict:
+    """What a pair's outputs depend on besides its files: the model file (path, size, time) and
+    the refinement; a pair registered with other settings is done again."""
+    model = Path(registrar.model_path)
+    stat = model.stat()
+    return {"model": str(model.resolve()), "model_bytes": stat.st_size, "model_mtime_ns": stat.st_mtime_ns,
+            "refine_levels": [list(level) for level in registrar.refine_levels], "upto": registrar.upto}
+
+
+def completed(pair: BatchPair, out_dir, options: BatchOptions, settings: dict | None = None) -> dict | None:
+    """The record of a pair whose outputs are all there (``result.json`` last) and were made
+    with ``settings``, else None."""
     pair_dir = Path(out_dir) / pair.pair_id
     marker = pair_dir / "result.json"
     if not marker.exists():
@@ -129,6 +139,8 @@ def completed(pair: BatchPair, out_dir, options: BatchOptions) -> dict | None:
     except (OSError, json.JSONDecodeError):
         return None
     if not all(p.exists() for p in _outputs(pair, pair_dir, options).values()):
+        return None
+    if settings is not None and record.get("settings") != settings:
         return None
     return record
 
@@ -147,7 +159,7 @@ def _score(pair: BatchPair, result: dict) -> dict:
     return record, det
 
 
-def _finish(pair: BatchPair, result: dict, out_dir: Path, options: BatchOptions) -> dict:
+def _finish(pair: BatchPair, result: dict, out_dir: Path, options: BatchOptions, settings: dict) -> dict:
     """Write one pair's files, score it and write its ``result.json`` last."""
     from .qc import qc_figure
     from .register import write_outputs
@@ -164,7 +176,7 @@ def _finish(pair: BatchPair, result: dict, out_dir: Path, options: BatchOptions)
                   fixed_img.header.get_zooms()[:3], outputs["qc"], title=pair.pair_id)
     record = {"pair_id": pair.pair_id, "status": "ok", "moving": pair.moving, "fixed": pair.fixed,
               "seconds": sum(times.values()), **{f"{k}_s": v for k, v in times.items()}, **record,
-              "outputs": {k: str(v) for k, v in outputs.items()}}
+              "outputs": {k: str(v) for k, v in outputs.items()}, "settings": settings}
     with atomic_path(pair_dir / "result.json") as tmp:
         tmp.write_text(json.dumps(record, indent=1))
     return record
@@ -187,8 +199,9 @@ def register_batch(registrar, pairs: list[BatchPair], out_dir, options: BatchOpt
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     records, todo = {}, []
+    settings = settings_of(registrar)
     for pair in pairs:
-        done = completed(pair, out_dir, options)
+        done = completed(pair, out_dir, options, settings)
         if done is not None:
             records[pair.pair_id] = {**done, "status": "done before"}
         else:
@@ -217,12 +230,12 @@ def register_batch(registrar, pairs: list[BatchPair], out_dir, options: BatchOpt
                 continue
             if written:  # one pair's files in flight at a time: memory stays that of two pairs
                 collect(written)
-            written = (pair, writer.submit(_finish, pair, result, out_dir, options))
+            written = (pair, writer.submit(_finish, pair, result, out_dir, options, settings))
             del result
         if written:
             collect(written)
     wall = time.perf_counter() - started
-    summary = pd.DataFrame([records[p.pair_id] for p in pairs]).drop(columns=["outputs"], errors="ignore")
+    summary = pd.DataFrame([records[p.pair_id] for p in pairs]).drop(columns=["outputs", "settings"], errors="ignore")
     registered = int((summary.status == "ok").sum())
     log.info("registered %d pairs in %.1f s (%.2f s a pair end to end, reading and writing overlapped); "
              "%d done before, %d failed", registered, wall, wall / max(registered, 1),

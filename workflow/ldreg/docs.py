@@ -130,6 +130,18 @@ def targets_block(real: pd.DataFrame, native: pd.DataFrame | None = None, recomm
     return "\n".join(lines)
 
 
+def startup_block(machine: pd.DataFrame) -> str | None:
+    """The fixed cost of a ``register`` process (the speed profile's start-up rows)."""
+    if "seconds" not in machine:
+        return None
+    rows = machine[machine.op.astype(str).str.startswith("start-up: ")]
+    if rows.empty:
+        return None
+    lines = ["| a fresh process, to the end of | wall s |", "|:--|--:|"]
+    lines += [f"| {r.op.removeprefix('start-up: ')} | {r.seconds:.2f} |" for r in rows.itertuples()]
+    return "\n".join(lines)
+
+
 def render_blocks(results_dir) -> dict:
     tables = Path(results_dir) / "tables"
     blocks = {}
@@ -148,6 +160,10 @@ def render_blocks(results_dir) -> dict:
         blocks["grid"] = grid_block(pd.read_csv(tables / "accuracy.csv"))
     if (tables / "speed_profile.csv").exists():
         blocks["speed"] = speed_block(pd.read_csv(tables / "speed_profile.csv"))
+    if (tables / "speed_machine.csv").exists():
+        startup = startup_block(pd.read_csv(tables / "speed_machine.csv"))
+        if startup:
+            blocks["startup"] = startup
     for md in sorted(tables.glob("*.md")):  # any whole table as the run wrote it: block md_<stem>
         blocks[f"md_{md.stem}"] = md.read_text().rstrip("\n")
     return blocks

@@ -270,6 +270,31 @@ def make_real_anatomy(config, out_dir) -> None:
     make_real_anatomy_pairs(RealAnatomyConfig(seed=config["seed"], **real), out_dir)
 
 
+def register_batch(config, model_path, pairs_csv, out_dir) -> None:
+    """The ``batch`` config's pairs through ``register-batch`` (:mod:`ldreg.batch`)."""
+    from .batch import BatchOptions, pairs_from_csv, pairs_from_folder
+    from .batch import register_batch as run_batch
+    from .defaults import REFINE_SPACINGS, REFINE_STEPS
+    from .optimise import refine_schedule
+    from .register import Registrar
+
+    b = config["batch"]
+    if b.get("moving_dir"):
+        if not b.get("fixed"):
+            raise InputError("batch.moving_dir needs batch.fixed (the image every scan is registered to)")
+        pairs = pairs_from_folder(b["moving_dir"], b["fixed"], b.get("pattern", "*.nii*"))
+    else:
+        pairs = pairs_from_csv(pairs_csv)
+    steps = REFINE_STEPS if b.get("refine_steps") is None else b["refine_steps"]
+    spacings = config.get("evaluation", {}).get("refine", {}).get("spacings") or REFINE_SPACINGS
+    registrar = Registrar(model_path, channels_last=True, refine_levels=refine_schedule(steps, spacings))
+    summary = run_batch(registrar, pairs, out_dir, BatchOptions(suffix=b.get("suffix", ".nii.gz"), qc=b.get("qc", True)))
+    failed = summary[summary.status == "error"]
+    if len(failed):
+        raise InputError(f"{len(failed)} of {len(summary)} pairs failed: " +
+                         "; ".join(f"{r.pair_id}: {r.error}" for r in failed.itertuples()))
+
+
 def native_tables(config, eval_csvs: dict, out_dir, figure_path) -> None:
     """``accuracy_native`` (the cohort's test pairs at their own resolution) and
     ``accuracy_real`` (the real anatomy), CSV + Markdown, and the accuracy-vs-time figure of both."""

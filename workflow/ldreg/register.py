@@ -182,6 +182,7 @@ class Registrar:
             raise ValueError(f"refine_levels: (spacing_mm > 0, iterations >= 0) pairs needed, got {refine_levels}")
         self.refine_options = dict(refine_options or {})  # ncc_descent's options
         self.upto = upto  # the stages run (0: the affine stage alone); None: all of them
+        self.model_path = str(model_path)
         self.model, prep, self.payload = load_model(model_path, device)
         self.prep: Preprocessing = dataclasses.replace(prep, grid=tuple(grid)) if grid else prep
         self.device = device

@@ -100,6 +100,31 @@ def _profile_inputs(folder: Path, shape, spacing: float, seed: int) -> dict:
     return paths
 
 
+def process_start_up(model_path: str, threads: int, repeats: int = 3) -> list[dict]:
+    """The fixed cost of a ``register`` process, each step in a fresh interpreter (median of
+    ``repeats``, wall seconds, interpreter start included): Python alone, ``register --help``,
+    torch's import, register's imports, and those plus loading ``model_path``."""
+    import os
+    import subprocess
+    import sys
+
+    steps = {"python alone": "pass",
+             "register --help": "from ldreg.cli import register_main\ntry: register_main(['--help'])\nexcept SystemExit: pass",
+             "import torch": "import torch",
+             "register's imports": "import ldreg.register",
+             "register's imports + load model": f"from ldreg.register import Registrar; Registrar({str(model_path)!r})"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    rows = []
+    for step, code in steps.items():
+        seconds = []
+        for _ in range(repeats + 1):  # the first run warms the file cache
+            t = time.perf_counter()
+            subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, env=env)
+            seconds.append(time.perf_counter() - t)
+        rows.append({"op": f"start-up: {step}", "threads": threads, "seconds": statistics.median(seconds[1:])})
+    return rows
+
+
 def _stage_summary(runs: list[dict]) -> dict:
     """Median of each stage, median and best total over ``runs``, and this process's peak memory."""
     totals = [sum(r[s] for s in STAGES) for r in runs]
@@ -240,6 +265,8 @@ def speed_profile(models: dict, engines, grids, thread_counts, repeats: int, war
     cpu = cpu_summary()
     machine = pd.DataFrame([r for n in thread_counts for r in run_isolated(
         "ldreg.speed_profile:machine_throughput", threads=n)])
+    start_up = process_start_up(str(models[reference_model or next(iter(models))]), max(thread_counts))
+    machine = pd.concat([machine, pd.DataFrame(start_up)], ignore_index=True)
     machine.insert(0, "cpu", cpu)
     machine["torch"] = torch.__version__
     scores = {(m, e): engine_scores(p, e, subjects, test_pairs, spacing) for m, p in models.items() for e in ran}

@@ -74,10 +74,32 @@ def method_model(wildcards):
     return [] if model is None else model_file(model)
 
 
+def batch_model_name():
+    """The batch's model: a model file, a model this run trains, or (null) the speed profile's
+    reference model, the recommended one (else the last model it profiles)."""
+    profile = config["speed_profile"]
+    return config["batch"]["model"] or profile.get("reference_model") or (profile.get("models") or [""])[-1]
+
+
+def batch_model(wildcards):
+    model = batch_model_name()
+    return model if model.endswith(".pt") else model_file(model)
+
+
+def batch_pairs(wildcards):
+    if config["batch"].get("moving_dir"):
+        return []
+    return config["batch"]["pairs"] or f"{RESOURCES}/real_anatomy/pairs.csv"
+
+
 # cross-key checks the schema cannot express (ldreg.config_checks, the same ones the jobs run),
 # so that a bad combination stops before any job runs
 _problems = config_problems(config, MODELS)
 _problems += [f"native_evaluation.models names {m!r}, which this configuration does not train" for m in NATIVE_MODELS
               if m not in MODELS]
+_batch_model = batch_model_name()
+if config["batch"]["enabled"] and not _batch_model.endswith(".pt") and _batch_model not in MODELS:
+    _problems.append(f"batch.model names {_batch_model!r}, which this configuration does not train "
+                     "(name a trained model or a .pt file)")
 if _problems:
     raise ValueError("config: " + "; ".join(_problems))
