@@ -7,28 +7,14 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from conftest import blob_volume
 from ldreg.batch import BatchOptions, pairs_from_csv, pairs_from_folder, register_batch
 from ldreg.cli import main
 from ldreg.io import InputError
-from ldreg.modelfile import save_model
-from ldreg.networks import CascadeSpec, build_network
-from ldreg.preprocessing import Preprocessing
 from ldreg.register import Registrar
 
-PREP = Preprocessing(spacing_mm=2.0, grid=(32, 32, 32))
 AFFINE = np.diag([1.5, 1.5, 1.5, 1.0])
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "student.pt"
-    torch.manual_seed(0)
-    model = build_network(CascadeSpec(kind="student", width=4, depth=3, affine=True, affine_width=4))
-    save_model(path, model, PREP, {"config": {"steps": 0}}, "student_test")
-    return path
 
 
 def _save(path, data, affine=AFFINE):

@@ -7,21 +7,9 @@ import torch
 
 from conftest import blob_volume
 from ldreg.cli import export_model, main, register_main
-from ldreg.preprocessing import Preprocessing
 from ldreg.metrics import mean_dice
 from ldreg.modelfile import load_model, save_model
-from ldreg.networks import CascadeSpec, build_network
 
-PREP = Preprocessing(spacing_mm=2.0, grid=(32, 32, 32))
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "student.pt"
-    torch.manual_seed(0)
-    model = build_network(CascadeSpec(kind="student", width=4, depth=3, affine=True, affine_width=4))
-    save_model(path, model, PREP, {"config": {"steps": 0}}, "student_test")
-    return path
 
 
 def _anatomy():

@@ -28,7 +28,8 @@ from .evaluate import registration_flag
 from .io import InputError, itk_array_to_field, load_volume
 from .methods import Method
 from .metrics import dice_per_label, folding_fraction, hd95, sd_log_jacobian
-from .optimise import DEFAULT_REFINE_SPACINGS, refine_schedule
+from .defaults import REFINE_SPACINGS
+from .optimise import refine_schedule
 from .progress import progress
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ def _identity(moving, fixed, moving_labels, out_dir) -> NativeOutput:
 def _network_runner(method: Method, model_path, refine: dict, device: str):
     from .register import Registrar, write_outputs
 
-    spacings = refine.get("spacings") or DEFAULT_REFINE_SPACINGS
+    spacings = refine.get("spacings") or REFINE_SPACINGS
     levels = refine_schedule(method.steps, spacings) if method.kind == "refine" else ()
     registrar = Registrar(model_path, device, refine_levels=levels, upto=0 if method.kind == "affine" else None)
 

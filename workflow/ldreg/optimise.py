@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .checks import check_field_batch, check_volume_batch
+from .defaults import REFINE_SPACINGS
 from .warp import identity_grid, sample_at, warp_image
 
 log = logging.getLogger(__name__)
@@ -243,10 +244,9 @@ def ncc_descent(moving: torch.Tensor, fixed: torch.Tensor, base: torch.Tensor, r
     return (total - start if compose else residual), record
 
 
-from .defaults import REFINE_SPACINGS as DEFAULT_REFINE_SPACINGS, REFINE_STEPS as DEFAULT_REFINE_STEPS  # noqa: E402,F401
 
 
-def refine_schedule(steps: int, spacings=DEFAULT_REFINE_SPACINGS) -> tuple[tuple[float, int], ...]:
+def refine_schedule(steps: int, spacings=REFINE_SPACINGS) -> tuple[tuple[float, int], ...]:
     """((spacing_mm, iterations), ...): ``steps`` at the first (coarsest) spacing, half as many
     (at least one) at each finer one; zero steps: no refinement."""
     if steps < 0:
