@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from .io import InputError, atomic_path, load_volume, write_csv
 from .metrics import dice_per_label, jacobian_determinant
@@ -147,7 +148,7 @@ def completed(pair: BatchPair, out_dir, options: BatchOptions, settings: dict | 
 
 def _score(pair: BatchPair, result: dict) -> dict:
     """Folding (and Dice where both label maps are given) of a registered pair."""
-    det = jacobian_determinant(result["field"])
+    det = jacobian_determinant(result["field"], dtype=torch.float32)
     record = {"folding_percent": float((det <= 0).mean() * 100)}
     if pair.moving_labels and pair.fixed_labels:
         fixed_labels, _ = load_volume(pair.fixed_labels, "labels")

@@ -96,13 +96,14 @@ def hd95(pred, truth, spacing=(1.0, 1.0, 1.0), labels=None) -> dict:
     return out
 
 
-def jacobian_determinant(field, spacing=None) -> np.ndarray:
+def jacobian_determinant(field, spacing=None, dtype=torch.float64) -> np.ndarray:
     """Determinant of the Jacobian of ``x -> x + u(x)`` for a field (3, D, H, W) in voxels
-    (central differences inside, one-sided at the borders)."""
+    (central differences inside, one-sided at the borders); ``dtype`` float32 is about three
+    times faster (what a batch's folding check uses), float64 what the metrics use."""
     field = np.asarray(field)
     if field.ndim != 4 or field.shape[0] != 3:
         raise ValueError(f"field: expected shape (3, D, H, W), got {field.shape}")
-    u = torch.as_tensor(field, dtype=torch.float64)
+    u = torch.as_tensor(field, dtype=dtype)
     # j[i][k] = d(x + u)_i / dx_k; the determinant by cofactors in torch (multi-threaded, float64:
     # half of numpy's gradients + np.linalg.det on a 1 mm brain's field)
     j = [list(torch.gradient(u[i])) for i in range(3)]
