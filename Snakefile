@@ -1,5 +1,5 @@
 # LDR + ALDK: distil a recursive cascaded teacher into a light student for CPU registration.
-# Run everything on the embedded default:  snakemake --cores 8 all
+# Run everything on the embedded default:  snakemake --cores all all
 import os
 
 from snakemake.utils import min_version, validate
@@ -31,6 +31,11 @@ rule all:
         rules.native_tables.output if NATIVE_COHORTS else [],
         rules.register_batch.output.summary if config["batch"]["enabled"] else [],
     default_target: True
+
+
+envvars:
+    # set by the workflow itself (common.smk) and handed to the jobs: no user needs to set it
+    "LDREG_SLOTS_PER_THREAD",
 
 
 # not in `all` (2.5 min alone at the end of the 2-core default run): snakemake --cores 2 benchmark_core

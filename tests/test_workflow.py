@@ -238,10 +238,11 @@ def test_speed_profile_covers_every_native_configuration_and_guards_accuracy(tin
     assert by_model["student_aldk"] < by_model["teacher"]
     machine = pd.read_csv(tiny_run / "tables" / "speed_machine.csv")
     assert machine.cpu.str.contains("bf16 units").all()
-    # a register process's fixed cost: --help answers without torch, the imports cost more than torch's alone
+    # a register process's fixed cost, every step measured; --help answers without torch (tens of
+    # times faster than torch's import: the margin is no timing target, the import is what it shows)
     start_up = machine[machine.op.str.startswith("start-up")].set_index("op").seconds
-    assert start_up["start-up: register --help"] < start_up["start-up: import torch"]
-    assert start_up["start-up: import torch"] < start_up["start-up: register's imports + load model"]
+    assert len(start_up) == 5 and (start_up > 0).all()
+    assert start_up["start-up: register --help"] < start_up["start-up: import torch"] / 2
     machine = machine[~machine.op.str.startswith("start-up")]
     measured = machine[machine.gflops_per_s.notna()]
     assert (measured.gflops_per_s > 0).all() and "float32" in set(measured.dtype)
@@ -378,3 +379,26 @@ def test_slurm_profile_runs_the_tiny_config_for_real(tmp_path):
     assert set(pd.read_csv(tmp_path / "results" / "batch" / "summary.csv").status) == {"ok"}
     accuracy = pd.read_csv(tmp_path / "results" / "tables" / "accuracy.csv")
     assert {"teacher", "student_aldk", "identity"} <= set(accuracy.method)
+
+
+def test_more_cores_than_the_machine_has_cannot_oversubscribe_it(tmp_path):
+    """`--cores` four times the machine's cores: every job takes at least four scheduler slots a
+    thread, so the jobs Snakemake starts side by side run at most the machine's cores in threads."""
+    machine = len(os.sched_getaffinity(0))
+    cores = 4 * machine
+    proc = _run(["all", "-n", "--cores", str(cores), "--configfile", str(TINY), "--config",
+                 f"results_dir={tmp_path}/results", f"resources_dir={tmp_path}/resources"], cwd=tmp_path, timeout=300)
+    out = proc.stdout + proc.stderr
+    jobs = re.findall(r"^(?:local)?rule (\w+):\n((?:    .*\n)+)", out, flags=re.M)
+    assert len(jobs) > 30
+    for rule, body in jobs:
+        threads = int(re.search(r"threads: (\d+)", body).group(1)) if "threads:" in body else 1
+        assert rule == "all" or threads >= 4, (rule, threads)
+    from ldreg.pipeline import usable_threads
+
+    previous = os.environ.get("LDREG_SLOTS_PER_THREAD")
+    os.environ["LDREG_SLOTS_PER_THREAD"] = "4.0"
+    try:  # what the jobs run: their slots over four, at most the machine's cores
+        assert usable_threads(4) == 1 and usable_threads(cores) == machine
+    finally:
+        os.environ.pop("LDREG_SLOTS_PER_THREAD") if previous is None else os.environ.update(LDREG_SLOTS_PER_THREAD=previous)

@@ -33,9 +33,11 @@ log = logging.getLogger("ldreg")
 
 
 def usable_threads(threads) -> int:
-    """Threads a job asked for, capped at the machine's cores: more only adds contention (a run
-    may say --cores 8 on 2 cores)."""
-    return max(1, min(int(threads), os.cpu_count() or 1))
+    """Threads a job runs: its scheduler slots over the slots a thread takes (more than one when
+    a local run says more --cores than the machine has: ``slots`` in workflow/rules/common.smk),
+    capped at the cores this process may use."""
+    per_thread = float(os.environ.get("LDREG_SLOTS_PER_THREAD", "1") or 1)
+    return max(1, min(int(int(threads) / max(per_thread, 1.0) + 1e-6), len(os.sched_getaffinity(0))))
 
 
 def setup_logging(log_path=None, threads: int | None = None) -> None:

@@ -1,3 +1,5 @@
+import math
+import os
 import re
 
 from ldreg.config_checks import config_problems, student_targets
@@ -9,6 +11,30 @@ RESOURCES = config["resources_dir"]
 # a variant set to null in a later --configfile is switched off
 VARIANTS = [v for v, s in config["students"]["variants"].items() if s is not None]
 PEERS = config["peers"]
+# --cores above the machine's cores (`--cores 8` typed on 2 cores) would let Snakemake start jobs
+# side by side whose threads together oversubscribe the CPU. Locally, each thread of a job then
+# takes cores / machine scheduler slots (a 1-thread job: slots(1)); ldreg.pipeline.usable_threads
+# divides a job's slots back into threads (LDREG_SLOTS_PER_THREAD, set below). On a cluster
+# a job's threads are its own CPUs: one slot a thread.
+USABLE_CORES = len(os.sched_getaffinity(0))
+
+
+def slots_per_thread():
+    cores = workflow.cores
+    if not workflow.local_exec or not isinstance(cores, int) or cores <= USABLE_CORES:
+        return 1.0
+    return cores / USABLE_CORES
+
+
+# the jobs read how many scheduler slots make one of their threads
+os.environ["LDREG_SLOTS_PER_THREAD"] = repr(slots_per_thread())
+
+
+def slots(threads):
+    """Scheduler slots of a job that runs ``threads`` threads."""
+    return max(1, min(workflow.cores, math.ceil(threads * slots_per_thread())))
+
+
 # training jobs take half the cores, so that two run side by side (the teacher beside the students
 # and peers that do not wait for it): on 2 cores two 1-thread jobs made 3.2 teacher steps a second
 # together against 2.2 for one 2-thread job (docs/performance.md)

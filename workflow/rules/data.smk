@@ -23,6 +23,7 @@ rule download_dataset:
         f"{RESULTS}/logs/download_{{dataset}}.log",
     params:
         spec=lambda wc: config["data"]["downloads"][wc.dataset],
+    threads: lambda wildcards: slots(1)
     conda:
         "../../envs/ldreg.yaml"
     script:

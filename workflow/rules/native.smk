@@ -14,7 +14,7 @@ rule make_real_anatomy:
         f"{RESULTS}/logs/make_real_anatomy.log",
     benchmark:
         f"{RESULTS}/benchmarks/make_real_anatomy.tsv"
-    threads: 1
+    threads: lambda wildcards: slots(1)
     resources:
         mem_mb=3000,
     conda:
@@ -60,6 +60,7 @@ rule native_tables:
         out_dir=lambda wildcards, output: os.path.dirname(output[0]),
     log:
         f"{RESULTS}/logs/native_tables.log",
+    threads: lambda wildcards: slots(1)
     conda:
         "../../envs/ldreg.yaml"
     script:

@@ -14,6 +14,7 @@ rule tables:
         out_dir=lambda wildcards, output: os.path.dirname(output[0]),
     log:
         f"{RESULTS}/logs/tables.log",
+    threads: lambda wildcards: slots(1)
     conda:
         "../../envs/ldreg.yaml"
     script:
@@ -43,6 +44,7 @@ rule figures:
         out_dir=lambda wildcards, output: os.path.dirname(output[0]),
     log:
         f"{RESULTS}/logs/figures.log",
+    threads: lambda wildcards: slots(1)
     conda:
         "../../envs/ldreg.yaml"
     script:
