@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from conftest import blob_volume
-from ldreg.batch import BatchOptions, pairs_from_csv, pairs_from_folder, register_batch
+from ldreg.batch import BatchOptions, batch_pairs, pairs_from_csv, pairs_from_folder, register_batch
 from ldreg.cli import main
 from ldreg.io import InputError
 from ldreg.register import Registrar
@@ -115,6 +115,10 @@ def test_pairs_files_with_problems_are_refused_clearly(tmp_path):
         pairs_from_csv(tmp_path / "b.csv")
     with pytest.raises(InputError, match="no NIfTI file"):
         pairs_from_folder(tmp_path, tmp_path / "y.nii")
+    with pytest.raises(InputError, match="either a CSV of pairs or a folder"):
+        batch_pairs(tmp_path / "a.csv", tmp_path)
+    with pytest.raises(InputError, match="needs the fixed image"):
+        batch_pairs(moving_dir=tmp_path)
 
 
 def test_help_answers_without_importing_torch():

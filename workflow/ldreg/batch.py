@@ -79,7 +79,7 @@ def pairs_from_csv(path) -> list[BatchPair]:
     return pairs
 
 
-def pairs_from_folder(moving_dir, fixed, pattern: str = "*.nii*", fixed_labels=None) -> list[BatchPair]:
+def pairs_from_folder(moving_dir, fixed, pattern: str = "*.nii*") -> list[BatchPair]:
     """Every NIfTI file of ``moving_dir`` matching ``pattern`` registered to one ``fixed``
     image (a template), named by its file name."""
     moving_dir = Path(moving_dir)
@@ -88,9 +88,18 @@ def pairs_from_folder(moving_dir, fixed, pattern: str = "*.nii*", fixed_labels=N
     files = sorted(p for p in moving_dir.glob(pattern) if p.name.endswith(NIFTI_SUFFIXES) and p.is_file())
     if not files:
         raise InputError(f"{moving_dir}: no NIfTI file matches {pattern!r}")
-    pairs = [BatchPair(_stem(p), str(p), str(fixed), None, str(fixed_labels) if fixed_labels else None) for p in files]
+    pairs = [BatchPair(_stem(p), str(p), str(fixed)) for p in files]
     _check_unique(pairs, moving_dir)
     return pairs
+
+
+def batch_pairs(pairs_csv=None, moving_dir=None, fixed=None, pattern: str = "*.nii*") -> list[BatchPair]:
+    """The pairs of a batch: a CSV of pairs, or a folder of scans registered to ``fixed``."""
+    if bool(pairs_csv) == bool(moving_dir):
+        raise InputError("a batch is either a CSV of pairs or a folder of moving scans with a fixed image")
+    if moving_dir and not fixed:
+        raise InputError(f"{moving_dir}: a folder of moving scans needs the fixed image every scan is registered to")
+    return pairs_from_csv(pairs_csv) if pairs_csv else pairs_from_folder(moving_dir, fixed, pattern)
 
 
 def _check_unique(pairs, source) -> None:

@@ -57,15 +57,10 @@ def _cmd_register(args) -> None:
 def _cmd_register_batch(args) -> None:
     import logging
 
-    from .batch import BatchOptions, pairs_from_csv, pairs_from_folder, register_batch
+    from .batch import BatchOptions, batch_pairs, register_batch
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    if bool(args.pairs) == bool(args.moving_dir):
-        raise ValueError("give either --pairs CSV or --moving-dir DIR with --fixed")
-    if args.moving_dir and not args.fixed:
-        raise ValueError("--moving-dir needs --fixed (the image every moving scan is registered to)")
-    pairs = (pairs_from_csv(args.pairs) if args.pairs
-             else pairs_from_folder(args.moving_dir, args.fixed, args.pattern, args.fixed_labels))
+    pairs = batch_pairs(args.pairs, args.moving_dir, args.fixed, args.pattern)
     registrar, _ = _registrar(args)
     options = BatchOptions(suffix=args.suffix, qc=args.qc, write_field=not args.no_field)
     summary = register_batch(registrar, pairs, args.out_dir, options)
@@ -164,8 +159,6 @@ def _batch_args(p) -> None:
                                    "fixed_labels for Dice); relative paths from the CSV's folder")
     p.add_argument("--moving-dir", help="instead of --pairs: a folder of moving scans, each registered to --fixed")
     p.add_argument("--fixed", help="with --moving-dir: the fixed image (a template)")
-    p.add_argument("--fixed-labels", help="with --moving-dir: the fixed image's label map (not needed for Dice: "
-                                          "that needs moving labels, i.e. --pairs)")
     p.add_argument("--pattern", default="*.nii*", help="with --moving-dir: which files (default: %(default)s)")
     p.add_argument("--out-dir", required=True, help="one folder per pair, summary.csv/.md (and report.md)")
     p.add_argument("--suffix", choices=[".nii.gz", ".nii"], default=".nii.gz", help="of the images written")

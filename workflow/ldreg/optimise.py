@@ -244,8 +244,6 @@ def ncc_descent(moving: torch.Tensor, fixed: torch.Tensor, base: torch.Tensor, r
     return (total - start if compose else residual), record
 
 
-
-
 def refine_schedule(steps: int, spacings=REFINE_SPACINGS) -> tuple[tuple[float, int], ...]:
     """((spacing_mm, iterations), ...): ``steps`` at the first (coarsest) spacing, half as many
     (at least one) at each finer one; zero steps: no refinement."""

@@ -274,19 +274,15 @@ def make_real_anatomy(config, out_dir) -> None:
 
 def register_batch(config, model_path, pairs_csv, out_dir) -> None:
     """The ``batch`` config's pairs through ``register-batch`` (:mod:`ldreg.batch`)."""
-    from .batch import BatchOptions, pairs_from_csv, pairs_from_folder
+    from .batch import BatchOptions, batch_pairs
     from .batch import register_batch as run_batch
     from .defaults import REFINE_SPACINGS, REFINE_STEPS
     from .optimise import refine_schedule
     from .register import Registrar
 
     b = config["batch"]
-    if b.get("moving_dir"):
-        if not b.get("fixed"):
-            raise InputError("batch.moving_dir needs batch.fixed (the image every scan is registered to)")
-        pairs = pairs_from_folder(b["moving_dir"], b["fixed"], b.get("pattern", "*.nii*"))
-    else:
-        pairs = pairs_from_csv(pairs_csv)
+    pairs = batch_pairs(None if b.get("moving_dir") else pairs_csv, b.get("moving_dir"), b.get("fixed"),
+                        b.get("pattern", "*.nii*"))
     steps = REFINE_STEPS if b.get("refine_steps") is None else b["refine_steps"]
     spacings = config.get("evaluation", {}).get("refine", {}).get("spacings") or REFINE_SPACINGS
     registrar = Registrar(model_path, channels_last=True, refine_levels=refine_schedule(steps, spacings))

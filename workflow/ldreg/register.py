@@ -220,13 +220,9 @@ class Registrar:
             moving_stack = _level_image(moving_scan, moving.img.affine, moving_shape, moving_affine, spacing)
             # the start map: level voxel z -> fixed preprocessed voxel p -> p + u(p) -> moving level voxel
             to_pre = np.linalg.inv(fixed.affine) @ affine
-            if _is_diagonal(to_pre[:3, :3]):
-                flow_at = sample_axis_aligned(flow, np.diag(to_pre)[:3], to_pre[:3, 3], shape)
-            else:
-                flow_at = sample_at(flow, _apply(to_pre, identity_grid(shape)), "bilinear")
-            flow_cl = flow_at.permute(1, 2, 3, 0)
+            flow_cl = _sample_map(flow, to_pre, shape)
             pre_to_level = np.linalg.inv(moving_affine) @ moving.affine
-            base = affine_plus_linear((pre_to_level @ to_pre)[:3], pre_to_level[:3, :3], flow_cl.contiguous())
+            base = affine_plus_linear((pre_to_level @ to_pre)[:3], pre_to_level[:3, :3], flow_cl)
             base = base.permute(3, 0, 1, 2).contiguous()
             if residual is None:
                 residual = torch.zeros_like(base)
@@ -292,7 +288,7 @@ class Registrar:
         if warped_labels is not None:  # the label file's own integer type (float-stored labels: int32)
             stored = moving_labels.stored_dtype
             warped_labels = warped_labels.numpy().astype(stored if np.issubdtype(stored, np.integer) else np.int32)
-        # the field may be a (3, D, H, W) view of channels-last memory: the layout the files want
+        # the field may be a (3, D, H, W) view of (3, W, H, D) memory: the layout the files want
         return {"warped": warped.numpy(), "field": field.numpy(), "warped_labels": warped_labels, "fixed_img": fixed.img}
 
     def read_pair(self, moving_path, fixed_path, moving_labels_path=None) -> PairInput:
