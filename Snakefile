@@ -33,6 +33,38 @@ rule all:
     default_target: True
 
 
+# the run's duration on this CPU, said when it starts (ldreg.estimate) and checked when it ends
+onstart:
+    RUN_STARTED["at"] = time.time()
+    if workflow.local_exec:
+        # a few seconds of calibration; never in the way of the run itself
+        try:
+            from ldreg.engines import cpu_summary
+            from ldreg.estimate import announce
+
+            cores = requested_cores() or 1
+            estimate = announce(planned_jobs(), cores, config["preprocessing"]["grid"], f"{RESULTS}/logs/estimate.log")
+            logger.info(f"{estimate.message(cpu_summary())} ({RESULTS}/logs/estimate.log)")
+        except Exception as exc:  # noqa: BLE001 (an estimate is advice: the run goes on without one)
+            logger.warning(f"no duration estimate: {type(exc).__name__}: {exc}")
+
+
+onsuccess:
+    if "at" in RUN_STARTED and Path(f"{RESULTS}/logs/estimate.log").exists():
+        took = time.time() - RUN_STARTED["at"]
+        with open(f"{RESULTS}/logs/estimate.log", "a") as out:
+            out.write(f"the run took {took / 60:.1f} min\n")
+        logger.info(f"the run took {took / 60:.1f} min (estimate: {RESULTS}/logs/estimate.log)")
+
+
+# every switched-on student variant (students.variants), paired tests and all: results/ablation/
+rule ablation:
+    input:
+        rules.ablation_tables.output,
+        rules.ablation_figures.output,
+        rules.ablation_native_tables.output if NATIVE_COHORTS else [],
+
+
 envvars:
     # set by the workflow itself (common.smk) and handed to the jobs: no user needs to set it
     "LDREG_SLOTS_PER_THREAD",

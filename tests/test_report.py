@@ -86,3 +86,8 @@ def test_each_taught_student_is_tested_against_the_unsupervised_student_of_its_o
     assert table.loc["aldk_long", "against"] == "unsupervised_long"
     assert table.loc["aldk_long", "dice_diff_vs_unsupervised"] == pytest.approx(-0.03)
     assert table.loc["aldk", "dice_diff_vs_unsupervised"] == pytest.approx(0.02)
+    # `all`'s table holds the headline students only: the one paired test is ALDK against its twin
+    headline = {k: variants[k] for k in ("unsupervised_long", "aldk_long")}
+    table = ablation_table(accuracy, headline, evals).set_index("variant")
+    assert table.loc["aldk_long", "against"] == "unsupervised_long" and table.loc["aldk_long", "pairs"] == 12
+    assert pd.isna(table.loc["unsupervised_long", "against"])

@@ -207,7 +207,36 @@ def _parser() -> argparse.ArgumentParser:
     docs.add_argument("files", nargs="+", help="Markdown files to update, e.g. README.md docs/results.md")
     docs.add_argument("--results", default="results", help="the run's results folder (default: %(default)s)")
     docs.set_defaults(func=_cmd_docs)
+    est = sub.add_parser("estimate", help="time a student training step on this CPU against the reference run's "
+                                          "(the ratio a run's duration estimate scales by)")
+    est.add_argument("--record", metavar="RESULTS",
+                     help="write a new reference run from this finished run's benchmarks (RESULTS/benchmarks)")
+    est.add_argument("--config", default="config.yaml", help="the run's config (with --record; default: %(default)s)")
+    est.add_argument("--cores", type=int, default=2, help="the cores the recorded run had (default: %(default)s)")
+    est.set_defaults(func=_cmd_estimate)
     return parser
+
+
+def _cmd_estimate(args) -> None:
+    from pathlib import Path
+
+    import yaml
+
+    from . import estimate
+    from .engines import cpu_summary
+
+    reference = estimate.load_reference()
+    seconds = estimate.calibrate(reference["grid"])
+    print(f"{cpu_summary()}: {seconds:.3f} s a training step of the default student at {reference['grid']}, one "
+          f"thread; the reference run's CPU ({reference['cpu']}): {reference['calibration_s_per_step']:.3f} s "
+          f"({seconds / reference['calibration_s_per_step']:.2f}x)")
+    if args.record:
+        config = yaml.safe_load(Path(args.config).read_text())
+        bench = Path(args.record) / "benchmarks"
+        planned = estimate.planned_from_benchmarks(bench, config, args.cores)
+        new = estimate.reference_from_benchmarks(bench, planned, config["preprocessing"]["grid"], seconds, cpu_summary())
+        estimate.REFERENCE_FILE.write_text(json.dumps(new, indent=1) + "\n")
+        print(f"wrote {estimate.REFERENCE_FILE} ({len(new['jobs'])} jobs)")
 
 
 def _run(args) -> int:

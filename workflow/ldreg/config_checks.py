@@ -9,7 +9,7 @@ def speed_profile_problems(sp: dict, trained: list[str]) -> list[str]:
     problems = []
     unknown = [m for m in sp["models"] if m not in trained]
     if unknown:
-        problems.append(f"speed_profile.models names {unknown}, which this configuration does not train; trained "
+        problems.append(f"speed_profile.models names {unknown}, which this configuration does not train; models `all` trains "
                         f"models: {list(trained)}")
     if sp["baseline_model"] not in sp["models"]:
         problems.append(f"speed_profile.baseline_model {sp['baseline_model']!r} must be one of speed_profile.models "
@@ -21,6 +21,19 @@ def speed_profile_problems(sp: dict, trained: list[str]) -> list[str]:
         problems.append(f"speed_profile.reference_model {sp['reference_model']!r} must be one of speed_profile.models "
                         f"{sp['models']}")
     return problems
+
+
+def switched_on_variants(config: dict) -> list[str]:
+    """Every student variant the configuration keeps (null switches one off): the ablation's."""
+    return [v for v, own in config["students"]["variants"].items() if own is not None]
+
+
+def headline_variants(config: dict) -> list[str]:
+    """The student variants `all` trains: ``students.headline`` (null: every switched-on one).
+    Names that are not switched on are left out here and reported by :func:`config_problems`."""
+    on = switched_on_variants(config)
+    headline = config["students"].get("headline")
+    return on if headline is None else [v for v in headline if v in on]
 
 
 def student_variant(config: dict, variant: str) -> dict:
@@ -49,6 +62,10 @@ def student_targets(config: dict, variant: str) -> str | None:
 def config_problems(config: dict, trained: list[str]) -> list[str]:
     """Every cross-key problem of a validated config, given the models the run trains."""
     problems = speed_profile_problems(config["speed_profile"], trained)
+    on = switched_on_variants(config)
+    off = [v for v in config["students"].get("headline") or [] if v not in on]
+    if off:
+        problems.append(f"students.headline names {off}, which are not switched-on variants; variants: {on}")
     for variant, own in config["students"]["variants"].items():
         if own is None:
             continue
@@ -61,5 +78,5 @@ def config_problems(config: dict, trained: list[str]) -> list[str]:
     unknown = [m for m in config["evaluation"]["refine"]["models"] if m not in trained]
     if unknown:
         problems.append(f"evaluation.refine.models names {unknown}, which this configuration does not train; "
-                        f"trained models: {list(trained)}")
+                        f"models `all` trains (students.headline): {list(trained)}")
     return problems

@@ -7,8 +7,9 @@ so that a rerun regenerates them and nothing is copied by hand. Blocks: ``real``
 anatomy at 1 mm), ``native`` (the default cohort's test pairs at their own resolution),
 ``grid`` (the model's grid), ``speed`` (the register path end to end at the scan's resolution),
 ``cpu`` (the machine every number was measured on), ``targets`` (issue 26's targets, met or
-missed), and ``md_<stem>`` for any table as the run
-wrote it (``results/tables/<stem>.md``)."""
+missed), ``md_<stem>`` for any table as the run
+wrote it (``results/tables/<stem>.md``) and ``ablation_md_<stem>`` for the ``ablation`` target's
+(``results/ablation/tables/<stem>.md``)."""
 from __future__ import annotations
 
 import re
@@ -166,6 +167,9 @@ def render_blocks(results_dir) -> dict:
             blocks["startup"] = startup
     for md in sorted(tables.glob("*.md")):  # any whole table as the run wrote it: block md_<stem>
         blocks[f"md_{md.stem}"] = md.read_text().rstrip("\n")
+    # the `ablation` target's tables (results/ablation/tables): block ablation_md_<stem>
+    for md in sorted((Path(results_dir) / "ablation" / "tables").glob("*.md")):
+        blocks[f"ablation_md_{md.stem}"] = md.read_text().rstrip("\n")
     return blocks
 
 

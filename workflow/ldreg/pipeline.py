@@ -175,11 +175,25 @@ def train_student(config, variant, subjects_csv, pairs_csv, flow_cache, model_ou
                   checkpoint, flow_cache if student_uses_teacher(config, variant) else None, val_csv)
 
 
+def voxelmorph_train_settings(config: dict) -> dict:
+    """VoxelMorph's training options: the students' defaults under its own overrides."""
+    return {**config["students"].get("defaults", {}).get("train", {}),
+            **config["peers"]["voxelmorph"].get("train", {})}
+
+
+def training_steps(config: dict, rule: str, variant: str | None = None) -> int:
+    """The steps a training job (rule train_teacher, train_student of ``variant``, train_voxelmorph) runs."""
+    own = {"train_teacher": lambda: config["teacher"].get("train", {}),
+           "train_student": lambda: student_settings(config, variant)[1],
+           "train_voxelmorph": lambda: voxelmorph_train_settings(config)}[rule]()
+    return TrainConfig.from_dict({"seed": config["seed"], **own}).steps
+
+
 def train_voxelmorph(config, subjects_csv, pairs_csv, model_out, loss_csv, checkpoint, val_csv=None) -> None:
     """The VoxelMorph peer, with the students' data and step budget unless overridden."""
     peer = config["peers"]["voxelmorph"]
     spec = CascadeSpec(kind="voxelmorph", cascades=1, width=peer["width"], depth=peer["depth"], affine=False)
-    train_cfg = {**config["students"].get("defaults", {}).get("train", {}), **peer.get("train", {})}
+    train_cfg = voxelmorph_train_settings(config)
     _run_training("peer_voxelmorph", spec, train_cfg, config, subjects_csv, pairs_csv, model_out, loss_csv, checkpoint,
                   val_csv=val_csv)
 
@@ -354,7 +368,9 @@ def tables(config, eval_csvs: dict, timing_csvs: dict, model_paths: dict, out_di
     # the speed profile's reference model is the recommended student
     student = config["speed_profile"].get("reference_model") or "student_aldk"
     write_table(speed_table(speed, student=student), out_dir / "speed")
-    write_table(ablation_table(accuracy, resolved_variants(config), evals), out_dir / "ablation")
+    # the students this target trained (`all`: the headline ones; `ablation`: every one)
+    variants = {v: s for v, s in resolved_variants(config).items() if f"student_{v}" in model_paths}
+    write_table(ablation_table(accuracy, variants, evals), out_dir / "ablation")
 
 
 def resolved_variants(config: dict) -> dict:

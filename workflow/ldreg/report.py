@@ -142,8 +142,8 @@ def ablation_table(accuracy: pd.DataFrame, variants: dict, evals: pd.DataFrame |
                "parameters": a.parameters, "dice": a.dice,
                "dice_mean": a.dice_mean, "hd95_mm": a.hd95_mm, "folding_percent": a.folding_percent,
                "epe_mm": a.get("epe_mm", np.nan), "cpu_s_per_pair": a.cpu_s_per_pair, "flag": a.get("flag", "")}
-        if evals is not None:
-            against = unsupervised_counterpart(name, variants, baseline)
+        against = unsupervised_counterpart(name, variants, baseline)
+        if evals is not None and against != name and against in variants:
             row.update(against=against, **paired_test(evals, method, f"student_{against}"))
         rows.append(row)
     return pd.DataFrame(rows)

@@ -16,7 +16,7 @@ rule register_batch:
         f"{RESULTS}/logs/register_batch.log",
     benchmark:
         f"{RESULTS}/benchmarks/register_batch.tsv"
-    threads: workflow.cores
+    threads: all_cores
     resources:
         mem_mb=4000,
     conda:

@@ -1,15 +1,22 @@
 import math
 import os
 import re
+import time
+from pathlib import Path
 
-from ldreg.config_checks import config_problems, student_targets
+from snakemake.exceptions import WorkflowError
+from snakemake.logging import logger
+
+from ldreg.config_checks import config_problems, headline_variants, student_targets, switched_on_variants
 from ldreg.methods import ANTS, greedy_method, parse_method, refined_method
 
 # Names shared by every rule: the models, the evaluated methods and where their files lie.
 RESULTS = config["results_dir"]
 RESOURCES = config["resources_dir"]
-# a variant set to null in a later --configfile is switched off
-VARIANTS = [v for v, s in config["students"]["variants"].items() if s is not None]
+# a variant set to null in a later --configfile is switched off. `all` trains the headline
+# variants (students.headline); the `ablation` target every switched-on one
+ABLATION_VARIANTS = switched_on_variants(config)
+VARIANTS = headline_variants(config)
 PEERS = config["peers"]
 # --cores above the machine's cores (`--cores 8` typed on 2 cores) would let Snakemake start jobs
 # side by side whose threads together oversubscribe the CPU. Locally, each thread of a job then
@@ -19,8 +26,21 @@ PEERS = config["peers"]
 USABLE_CORES = len(os.sched_getaffinity(0))
 
 
+def requested_cores():
+    """--cores of this run; None where none is known (older Snakemake leaves a dry run's unset)."""
+    try:
+        return workflow.cores
+    except WorkflowError:
+        return None
+
+
+def all_cores(wildcards=None):
+    """Threads of a job that uses the whole run (a dry run without --cores: 1)."""
+    return requested_cores() or 1
+
+
 def slots_per_thread():
-    cores = workflow.cores
+    cores = requested_cores()
     if not workflow.local_exec or not isinstance(cores, int) or cores <= USABLE_CORES:
         return 1.0
     return cores / USABLE_CORES
@@ -32,7 +52,9 @@ os.environ["LDREG_SLOTS_PER_THREAD"] = repr(slots_per_thread())
 
 def slots(threads):
     """Scheduler slots of a job that runs ``threads`` threads."""
-    return max(1, min(workflow.cores, math.ceil(threads * slots_per_thread())))
+    slots_wanted = math.ceil(threads * slots_per_thread())
+    cores = requested_cores()
+    return max(1, slots_wanted if cores is None else min(cores, slots_wanted))
 
 
 # training jobs take half the cores, so that two run side by side (the teacher beside the students
@@ -40,32 +62,45 @@ def slots(threads):
 # together against 2.2 for one 2-thread job (docs/performance.md)
 # (a function: workflow.cores is only known once a run asks for cores, not for --unlock or --lint)
 def train_threads(wildcards):
-    return max(1, workflow.cores // 2)
-MODELS = (
-    ["teacher"]
-    + [f"student_{v}" for v in VARIANTS]
-    + (["peer_voxelmorph"] if PEERS["voxelmorph"]["enabled"] else [])
-)
+    return max(1, (requested_cores() or 1) // 2)
+PEER_MODELS = ["peer_voxelmorph"] if PEERS["voxelmorph"]["enabled"] else []
 # ANTs has no model file: evaluated and timed by rules of its own kind
-TIMED = MODELS + ([ANTS] if PEERS["ants_syn"]["enabled"] else [])
+ANTS_METHODS = [ANTS] if PEERS["ants_syn"]["enabled"] else []
 # Greedy: evaluated (its 1-thread evaluation time is its time), one method per setting
 GREEDY = [greedy_method(s) for s in PEERS["greedy"]["settings"]] if PEERS["greedy"]["enabled"] else []
 # per-pair optimisation (ldreg.optimise) alone, and started from a model's field
 REFINE = config["evaluation"]["refine"]
 REFINED_FROM_MODELS = [refined_method(m, k) for m in REFINE["models"] for k in REFINE["steps"]]
 REFINED = [f"optimise{k}" for k in REFINE["optimise_steps"]] + REFINED_FROM_MODELS
-METHODS = ["identity", "affine", *TIMED, *GREEDY, *REFINED]
-# at the scan's own resolution (register's path): the models, their refinement and the peers
 NATIVE = config["native_evaluation"]
-NATIVE_MODELS = MODELS if NATIVE["models"] is None else NATIVE["models"]
-NATIVE_METHODS = ["identity", "affine", *NATIVE_MODELS, *TIMED[len(MODELS):], *GREEDY, *REFINED_FROM_MODELS]
+
+
+def method_sets(variants):
+    """What a target trains and scores, given its student variants: models (each a model file),
+    timed (CPU-timed), methods (scored on the model grid), native_models and native_methods
+    (scored at the scan's own resolution through register's path)."""
+    models = ["teacher"] + [f"student_{v}" for v in variants] + PEER_MODELS
+    native_models = models if NATIVE["models"] is None else NATIVE["models"]
+    return {
+        "models": models,
+        "timed": models + ANTS_METHODS,
+        "methods": ["identity", "affine", *models, *ANTS_METHODS, *GREEDY, *REFINED],
+        "native_models": native_models,
+        "native_methods": ["identity", "affine", *native_models, *ANTS_METHODS, *GREEDY, *REFINED_FROM_MODELS],
+    }
+
+
+HEADLINE = method_sets(VARIANTS)
+ABLATION = method_sets(ABLATION_VARIANTS)
+MODELS, TIMED, METHODS = HEADLINE["models"], HEADLINE["timed"], HEADLINE["methods"]
+NATIVE_MODELS, NATIVE_METHODS = HEADLINE["native_models"], HEADLINE["native_methods"]
 NATIVE_COHORTS = (["cohort"] if NATIVE["enabled"] else []) + (["real"] if NATIVE["enabled"] and config["real_anatomy"]["enabled"] else [])
 
 
 wildcard_constraints:
-    variant="|".join(VARIANTS) or "none",
-    model="|".join(MODELS),
-    method="|".join(re.escape(m) for m in dict.fromkeys(METHODS + NATIVE_METHODS)),
+    variant="|".join(ABLATION_VARIANTS) or "none",
+    model="|".join(ABLATION["models"]),
+    method="|".join(re.escape(m) for m in dict.fromkeys(ABLATION["methods"] + ABLATION["native_methods"])),
     cohort="cohort|real",
 
 
@@ -129,3 +164,27 @@ if config["batch"]["enabled"] and not _batch_model.endswith(".pt") and _batch_mo
                      "(name a trained model or a .pt file)")
 if _problems:
     raise ValueError("config: " + "; ".join(_problems))
+
+
+# ------------------------------------------------------------------ the run's duration, said at start
+RUN_STARTED = {}
+
+
+def planned_jobs():
+    """The jobs this run still has to do, as ldreg.estimate prices them (Snakemake's DAG)."""
+    from ldreg.estimate import TRAINING_RULES, PlannedJob
+    from ldreg.pipeline import training_steps
+
+    dag = workflow.dag
+    needed = list(dag.needrun_jobs())
+    names = {job: Path(str(job.benchmark)).stem if job.benchmark else f"{job.rule.name}_{job.jobid}" for job in needed}
+    planned = []
+    for job in needed:
+        rule_name = job.rule.name
+        steps = (training_steps(config, rule_name, getattr(job.wildcards, "variant", None))
+                 if rule_name in TRAINING_RULES else None)
+        planned.append(PlannedJob(name=names[job], rule=rule_name, threads=job.threads, steps=steps,
+                                  after=tuple(names[d] for d in dag.dependencies[job] if d in names),
+                                  benchmarked=bool(job.benchmark)))
+    return planned
+

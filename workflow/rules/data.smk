@@ -5,7 +5,7 @@ rule make_synthetic_cohort:
         f"{RESULTS}/logs/make_synthetic_cohort.log",
     benchmark:
         f"{RESULTS}/benchmarks/make_synthetic_cohort.tsv"
-    threads: workflow.cores
+    threads: all_cores
     resources:
         mem_mb=2000,
     conda:
@@ -43,7 +43,7 @@ rule preprocess:
         f"{RESULTS}/logs/preprocess.log",
     benchmark:
         f"{RESULTS}/benchmarks/preprocess.tsv"
-    threads: workflow.cores
+    threads: all_cores
     resources:
         mem_mb=4000,
     conda:

@@ -11,7 +11,7 @@ rule evaluate:
         f"{RESULTS}/logs/evaluate_{{method}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/evaluate_{{method}}.tsv"
-    threads: lambda wildcards: workflow.cores if wildcards.method == "peer_ants_syn" else slots(1)
+    threads: lambda wildcards: all_cores() if wildcards.method == "peer_ants_syn" else slots(1)
     resources:
         mem_mb=3000,
     conda:
@@ -25,7 +25,9 @@ rule time_ants:
         timing=f"{RESULTS}/timing/peer_ants_syn.csv",
     log:
         f"{RESULTS}/logs/time_cpu_peer_ants_syn.log",
-    threads: workflow.cores
+    benchmark:
+        f"{RESULTS}/benchmarks/time_ants.tsv"
+    threads: all_cores
     resources:
         mem_mb=4000,
     conda:
@@ -41,8 +43,10 @@ rule time_cpu:
         timing=f"{RESULTS}/timing/{{model}}.csv",
     log:
         f"{RESULTS}/logs/time_cpu_{{model}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/time_cpu_{{model}}.tsv"
     # all the run's cores: no other job shares the CPU while one is timed
-    threads: workflow.cores
+    threads: all_cores
     resources:
         mem_mb=4000,
     conda:
@@ -56,7 +60,7 @@ rule benchmark_core:
         f"{RESULTS}/benchmarks/core.csv",
     log:
         f"{RESULTS}/logs/benchmark_core.log",
-    threads: workflow.cores
+    threads: all_cores
     conda:
         "../../envs/ldreg.yaml"
     script:
@@ -77,7 +81,7 @@ rule speed_profile:
         f"{RESULTS}/logs/speed_profile.log",
     benchmark:
         f"{RESULTS}/benchmarks/speed_profile.tsv"
-    threads: workflow.cores
+    threads: all_cores
     resources:
         mem_mb=6000,
     conda:

@@ -39,7 +39,7 @@ rule evaluate_native:
     benchmark:
         f"{RESULTS}/benchmarks/evaluate_native_{{cohort}}_{{method}}.tsv"
     # every method on all the run's cores, alone: its seconds are a claim
-    threads: workflow.cores
+    threads: all_cores
     resources:
         mem_mb=6000,
     conda:
@@ -65,3 +65,16 @@ rule native_tables:
         "../../envs/ldreg.yaml"
     script:
         "../scripts/native_tables.py"
+
+
+use rule native_tables as ablation_native_tables with:
+    input:
+        **{c: expand(f"{RESULTS}/eval_native/{c}/{{method}}_pairs.csv", method=ABLATION["native_methods"])
+           for c in NATIVE_COHORTS},
+    output:
+        report(multiext(f"{ABLATION_DIR}/tables/accuracy_native", ".csv", ".md"), category="Ablation"),
+        *([report(multiext(f"{ABLATION_DIR}/tables/accuracy_real", ".csv", ".md"), category="Ablation")]
+          if "real" in NATIVE_COHORTS else []),
+        figure=report(f"{ABLATION_DIR}/figures/accuracy_vs_time_native.png", category="Ablation"),
+    log:
+        f"{RESULTS}/logs/ablation_native_tables.log",

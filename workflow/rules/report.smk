@@ -25,9 +25,7 @@ rule figures:
     input:
         evals=expand(f"{RESULTS}/eval/{{method}}_pairs.csv", method=METHODS),
         accuracy=f"{RESULTS}/tables/accuracy.csv",
-        losses=[rules.train_teacher.output.losses]
-        + expand(f"{RESULTS}/training/student_{{variant}}_loss.csv", variant=VARIANTS)
-        + expand(f"{RESULTS}/training/{{model}}_loss.csv", model=[m for m in MODELS if m.startswith("peer_")]),
+        losses=expand(f"{RESULTS}/training/{{model}}_loss.csv", model=MODELS),
         validation=expand(f"{RESULTS}/training/{{model}}_validation.csv", model=MODELS),
         models=expand(model_file("{model}"), model=MODELS),
         subjects=rules.preprocess.output.subjects,
@@ -49,3 +47,43 @@ rule figures:
         "../../envs/ldreg.yaml"
     script:
         "../scripts/figures.py"
+
+
+# The full ablation (snakemake --cores all ablation): every switched-on student variant, on top of
+# what `all` trains and scores (shared files are not redone), its tables and figures under
+# results/ablation/ with a paired test of each teacher-taught student against its unsupervised twin
+ABLATION_DIR = f"{RESULTS}/ablation"
+
+
+use rule tables as ablation_tables with:
+    input:
+        evals=expand(f"{RESULTS}/eval/{{method}}_pairs.csv", method=ABLATION["methods"]),
+        timings=expand(f"{RESULTS}/timing/{{model}}.csv", model=ABLATION["timed"]),
+        models=expand(model_file("{model}"), model=ABLATION["models"]),
+    output:
+        report(multiext(f"{ABLATION_DIR}/tables/accuracy", ".csv", ".md"), category="Ablation"),
+        report(multiext(f"{ABLATION_DIR}/tables/speed", ".csv", ".md"), category="Ablation"),
+        report(multiext(f"{ABLATION_DIR}/tables/ablation", ".csv", ".md"), category="Ablation"),
+    log:
+        f"{RESULTS}/logs/ablation_tables.log",
+
+
+use rule figures as ablation_figures with:
+    input:
+        evals=expand(f"{RESULTS}/eval/{{method}}_pairs.csv", method=ABLATION["methods"]),
+        accuracy=f"{ABLATION_DIR}/tables/accuracy.csv",
+        losses=expand(f"{RESULTS}/training/{{model}}_loss.csv", model=ABLATION["models"]),
+        validation=expand(f"{RESULTS}/training/{{model}}_validation.csv", model=ABLATION["models"]),
+        models=expand(model_file("{model}"), model=ABLATION["models"]),
+        subjects=rules.preprocess.output.subjects,
+        pairs=rules.preprocess.output.pairs,
+    output:
+        report(
+            expand(
+                f"{ABLATION_DIR}/figures/{{name}}.png",
+                name=["qualitative", "dice_boxplot", "accuracy_vs_time", "training_curves", "learning_curves"],
+            ),
+            category="Ablation",
+        ),
+    log:
+        f"{RESULTS}/logs/ablation_figures.log",
