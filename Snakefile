@@ -42,19 +42,24 @@ onstart:
             from ldreg.engines import cpu_summary
             from ldreg.estimate import announce
 
-            cores = requested_cores() or 1
-            estimate = announce(planned_jobs(), cores, config["preprocessing"]["grid"], f"{RESULTS}/logs/estimate.log")
-            logger.info(f"{estimate.message(cpu_summary())} ({RESULTS}/logs/estimate.log)")
+            RUN_STARTED["estimate"] = announce(planned_jobs(), requested_cores() or 1, config["preprocessing"]["grid"],
+                                               f"{RESULTS}/logs/estimate.log")
+            logger.info(f"{RUN_STARTED['estimate'].message(cpu_summary())} ({RESULTS}/logs/estimate.log)")
         except Exception as exc:  # noqa: BLE001 (an estimate is advice: the run goes on without one)
             logger.warning(f"no duration estimate: {type(exc).__name__}: {exc}")
 
 
 onsuccess:
-    if "at" in RUN_STARTED and Path(f"{RESULTS}/logs/estimate.log").exists():
+    if "estimate" in RUN_STARTED:
+        from ldreg.engines import cpu_summary
+        from ldreg.estimate import record_run
+
         took = time.time() - RUN_STARTED["at"]
         with open(f"{RESULTS}/logs/estimate.log", "a") as out:
             out.write(f"the run took {took / 60:.1f} min\n")
-        logger.info(f"the run took {took / 60:.1f} min (estimate: {RESULTS}/logs/estimate.log)")
+        record_run(f"{RESULTS}/logs/run_durations.csv", RUN_STARTED["at"], took, RUN_STARTED["estimate"],
+                   run_targets(), cpu_summary())
+        logger.info(f"the run took {took / 60:.1f} min (estimate and history: {RESULTS}/logs/)")
 
 
 # every switched-on student variant (students.variants), paired tests and all: results/ablation/

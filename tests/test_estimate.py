@@ -67,3 +67,18 @@ def test_the_shipped_reference_names_its_cpu_and_prices_the_default_run():
     ref = estimate.load_reference()
     assert ref["cpu"] and ref["calibration_s_per_step"] > 0
     assert {"train_teacher", "train_student_aldk_long", "train_voxelmorph"} <= set(ref["jobs"])
+
+
+def test_finished_runs_are_recorded_and_rendered_for_the_docs(tmp_path):
+    from ldreg.docs import render_blocks
+
+    runs = tmp_path / "logs" / "run_durations.csv"
+    runs.parent.mkdir()
+    said = estimate.Estimate(seconds=1800, cpu_work_s=3000, longest_chain_s=1500, cores=2, speed_ratio=1.0, jobs=57)
+    estimate.record_run(runs, 0.0, 1500, said, ["all"], "CPU A")
+    estimate.record_run(runs, 60.0, 1700, said, ["all"], "CPU A")
+    estimate.record_run(runs, 90.0, 600, said, ["ablation"], "CPU A")
+    block = render_blocks(tmp_path)["durations"]
+    # the latest run of each target: `all` took 28.3 min against 30 estimated
+    assert "| `all` | 57 | 2, CPU A | 30 min | 28.3 min |" in block and "25.0 min" not in block
+    assert "| `ablation` |" in block

@@ -141,6 +141,8 @@ def test_every_table_and_figure_exists_with_sane_values(tiny_run):
     estimate = (tiny_run / "logs" / "estimate.log").read_text()
     assert re.search(r"estimated duration: \d+ (min|s) for \d+ job\(s\) on 2 core\(s\)", estimate), estimate
     assert "the run took" in estimate
+    durations = pd.read_csv(tiny_run / "logs" / "run_durations.csv")
+    assert list(durations.targets) == ["all"] and durations.took_min.iloc[0] > 0, durations
 
 
 def test_native_resolution_and_real_anatomy_tables_score_every_method(tiny_run):

@@ -6,7 +6,8 @@ tables from ``results/tables/*.csv`` and writes them between markers in Markdown
 so that a rerun regenerates them and nothing is copied by hand. Blocks: ``real`` (the real
 anatomy at 1 mm), ``native`` (the default cohort's test pairs at their own resolution),
 ``grid`` (the model's grid), ``speed`` (the register path end to end at the scan's resolution),
-``cpu`` (the machine every number was measured on), ``targets`` (issue 26's targets, met or
+``cpu`` (the machine every number was measured on), ``durations`` (how long the recorded runs
+took, and what they estimated at their start), ``targets`` (issue 26's targets, met or
 missed), ``md_<stem>`` for any table as the run
 wrote it (``results/tables/<stem>.md``) and ``ablation_md_<stem>`` for the ``ablation`` target's
 (``results/ablation/tables/<stem>.md``)."""
@@ -143,9 +144,22 @@ def startup_block(machine: pd.DataFrame) -> str | None:
     return "\n".join(lines)
 
 
+def durations_block(runs: pd.DataFrame) -> str:
+    """The recorded runs (results/logs/run_durations.csv): the latest of each target set."""
+    latest = runs.groupby("targets", sort=False).tail(1)
+    lines = ["| target | jobs run | cores, CPU | estimate at start | took | started (UTC) |", "|:--|--:|:--|--:|--:|:--|"]
+    for r in latest.itertuples():
+        lines.append(f"| `{r.targets}` | {r.jobs} | {r.cores}, {r.cpu} | {r.estimate_min:.0f} min | "
+                     f"{r.took_min:.1f} min | {r.started} |")
+    return "\n".join(lines)
+
+
 def render_blocks(results_dir) -> dict:
     tables = Path(results_dir) / "tables"
     blocks = {}
+    runs = Path(results_dir) / "logs" / "run_durations.csv"
+    if runs.exists():
+        blocks["durations"] = durations_block(pd.read_csv(runs))
     for name, stem in (("real", "accuracy_real"), ("native", "accuracy_native")):
         if (tables / f"{stem}.csv").exists():
             table = pd.read_csv(tables / f"{stem}.csv")

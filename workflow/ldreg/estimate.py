@@ -217,3 +217,19 @@ def planned_from_benchmarks(bench_dir, config: dict, cores: int) -> list[Planned
             steps = training_steps(config, rule, name.removeprefix("train_student_") if rule == "train_student" else None)
         jobs.append(PlannedJob(name=name, rule=rule, threads=threads, steps=steps))
     return jobs
+
+
+RUN_COLUMNS = ["started", "targets", "jobs", "cores", "cpu", "estimate_min", "took_min", "speed_ratio"]
+
+
+def record_run(path, started: float, took_s: float, result: Estimate, targets: list[str], cpu: str) -> None:
+    """Append a finished run (its targets, the estimate said at its start, how long it took) to
+    the run history ``path`` (CSV, one row a run; the README's run times are generated from it)."""
+    import pandas as pd
+
+    row = {"started": time.strftime("%Y-%m-%d %H:%M", time.gmtime(started)), "targets": " ".join(targets),
+           "jobs": result.jobs, "cores": result.cores, "cpu": cpu, "estimate_min": round(result.seconds / 60, 1),
+           "took_min": round(took_s / 60, 1), "speed_ratio": round(result.speed_ratio, 3)}
+    path = Path(path)
+    new = pd.DataFrame([row], columns=RUN_COLUMNS)
+    (pd.concat([pd.read_csv(path), new], ignore_index=True) if path.exists() else new).to_csv(path, index=False)

@@ -170,6 +170,14 @@ if _problems:
 RUN_STARTED = {}
 
 
+def run_targets():
+    """The rules this run was asked for (`all`, `ablation`, ...)."""
+    try:
+        return sorted({job.rule.name for job in workflow.dag.targetjobs})
+    except AttributeError:  # a Snakemake without the attribute: the history says so
+        return ["(unknown)"]
+
+
 def planned_jobs():
     """The jobs this run still has to do, as ldreg.estimate prices them (Snakemake's DAG)."""
     from ldreg.estimate import TRAINING_RULES, PlannedJob
