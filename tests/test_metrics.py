@@ -1,9 +1,10 @@
 
 import numpy as np
 import pytest
+import torch
 
-from ldreg.metrics import (dice_per_label, field_error, folding_fraction, hd95, jacobian_determinant, landmark_tre,
-                           mean_dice, sd_log_jacobian)
+from ldreg.metrics import (dice_per_label, field_error, folding_fraction, hd95, jacobian_determinant, jacobian_summary,
+                           landmark_tre, mean_dice, sd_log_jacobian)
 
 
 def test_dice_of_known_partial_overlap():
@@ -40,6 +41,26 @@ def test_jacobian_of_linear_map_is_its_determinant():
     np.testing.assert_allclose(jacobian_determinant(field), np.linalg.det(m), rtol=1e-9)
     assert folding_fraction(field) == 0.0
     assert sd_log_jacobian(field) == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("depth", [2, 9, 17])
+def test_jacobian_by_slabs_equals_the_whole_field_at_once(depth):
+    # slab boundaries at planes 8 and 16: each slab's central differences need its neighbours
+    field = np.random.default_rng(depth).standard_normal((3, depth, 7, 6))
+    u = torch.as_tensor(field)
+    j = [list(torch.gradient(u[i])) for i in range(3)]
+    for i in range(3):
+        j[i][i] = j[i][i] + 1
+    whole = np.linalg.det(np.stack([np.stack([g.numpy() for g in row], -1) for row in j], -2))
+    np.testing.assert_allclose(jacobian_determinant(field), whole, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(jacobian_determinant(field, slab=3), jacobian_determinant(field, slab=depth))
+
+
+def test_jacobian_summary_is_folding_and_sdlogj_of_one_determinant():
+    field = np.random.default_rng(1).standard_normal((3, 12, 10, 9))
+    summary = jacobian_summary(field)
+    assert 0 < summary["folding_fraction"] < 1  # a random field folds somewhere, not everywhere
+    assert summary == {"folding_fraction": folding_fraction(field), "sdlogj": sd_log_jacobian(field)}
 
 
 def test_folding_field_is_detected():

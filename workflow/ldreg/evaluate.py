@@ -14,7 +14,7 @@ from .data import true_pair_field
 from .guard import FOLDING_BOUND_PERCENT
 from .io import InputError
 from .methods import Method
-from .metrics import dice_per_label, field_error, folding_fraction, hd95, sd_log_jacobian
+from .metrics import dice_per_label, field_error, hd95, jacobian_summary
 from .modelfile import load_model
 from .optimise import optimise_field, refine_on_grid
 from .progress import progress
@@ -79,8 +79,7 @@ def evaluate_pairs(name: str, predict, subjects: pd.DataFrame, pairs: pd.DataFra
         seconds = time.perf_counter() - t
         field = flow[0].numpy()
         rec = {"method": name, "pair_id": row.pair_id, "predict_s": seconds, "threads": torch.get_num_threads(),
-               "folding_fraction": folding_fraction(field),
-               "sdlogj": sd_log_jacobian(field)}
+               **jacobian_summary(field)}
         fix_lab = None
         if isinstance(mov.labels, str) and mov.labels:
             mov_lab, _ = _load(mov.labels, np.int32)

@@ -27,7 +27,7 @@ from .preprocessing import resample_to_grid
 from .evaluate import registration_flag
 from .io import InputError, itk_array_to_field, load_volume
 from .methods import Method
-from .metrics import dice_per_label, folding_fraction, hd95, sd_log_jacobian
+from .metrics import dice_per_label, hd95, jacobian_summary
 from .defaults import REFINE_SPACINGS
 from .optimise import refine_schedule
 from .progress import progress
@@ -137,7 +137,7 @@ def evaluate_native(name: str, run, pairs: pd.DataFrame, with_hd95: bool = True,
                "threads": torch.get_num_threads(), "shape": "x".join(map(str, fixed_labels.shape)),
                "spacing_mm": spacing[0], "dice": float(np.nanmean(list(dice.values()))),
                "labels_lost": int(sum(v == 0 for v in dice.values())),
-               "folding_fraction": folding_fraction(out.field), "sdlogj": sd_log_jacobian(out.field),
+               **jacobian_summary(out.field),
                **{f"{stage}_s": s for stage, s in out.times.items()}}
         if with_hd95:
             rec["hd95_mm"] = float(np.nanmean(list(hd95(out.warped_labels, fixed_labels, spacing, labels).values())))
