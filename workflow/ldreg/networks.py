@@ -13,12 +13,13 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from .checks import check_divisible, check_volume_batch
+from .conv import Conv3d
 from .defaults import PRECISION_NAMES
 from .warp import compose, warp_image
 
 
 def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv3d(cin, cout, 3, stride=stride, padding=1), nn.LeakyReLU(0.1, inplace=True))
+    return nn.Sequential(Conv3d(cin, cout, 3, stride=stride, padding=1), nn.LeakyReLU(0.1, inplace=True))
 
 
 def _as_conv_input(x: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
@@ -107,7 +108,7 @@ class DenseNet(nn.Module):
         for cout, skip in zip(dec_channels, skips):
             self.decoders.append(_conv(cin + skip, cout))
             cin = cout
-        self.flow = nn.Conv3d(cin, 3, 3, padding=1)
+        self.flow = Conv3d(cin, 3, 3, padding=1)
         nn.init.normal_(self.flow.weight, std=1e-5)
         nn.init.zeros_(self.flow.bias)
         self.flow_scale = flow_scale
@@ -315,6 +316,7 @@ def complexity(model: nn.Module, shape) -> dict:
     convolutions and matmuls; the grid sampling of the warps is not counted)."""
     moving = torch.zeros(1, 1, *shape)
     counter = FlopCounterMode(display=False)
-    with torch.inference_mode(), counter:
+    # torch's own convolution everywhere: the counter knows aten.convolution, not oneDNN's op (ldreg.conv)
+    with torch.inference_mode(), torch.backends.mkldnn.flags(enabled=False), counter:
         model(moving, moving.clone())
     return {"parameters": count_parameters(model), "flops": int(counter.get_total_flops()), "grid": list(shape)}
