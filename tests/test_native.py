@@ -93,6 +93,27 @@ def test_native_scoring_of_a_known_shift(shifted_pair):
     assert table.set_index("method").loc["identity", "flag"] == ""
 
 
+def test_pairs_scored_side_by_side_match_one_at_a_time_and_registration_stays_alone(shifted_pair):
+    four = pd.concat([shifted_pair.assign(pair_id=f"p{i}") for i in range(4)], ignore_index=True)
+    running, overlaps = [], []
+
+    def runner(moving, fixed, moving_labels, out_dir):
+        running.append(1)
+        overlaps.append(len(running))
+        out = _shift_runner(1 + len(overlaps) % 3)(moving, fixed, moving_labels, out_dir)
+        running.pop()
+        return out
+
+    serial, serial_labels = evaluate_native("m", runner, four, show_progress=False, scoring_workers=1)
+    overlaps.clear()
+    parallel, parallel_labels = evaluate_native("m", runner, four, show_progress=False, scoring_workers=3)
+    assert max(overlaps) == 1  # the timed part never shares the CPU with another pair
+    assert list(parallel.pair_id) == ["p0", "p1", "p2", "p3"]
+    pd.testing.assert_frame_equal(serial.drop(columns="seconds"), parallel.drop(columns="seconds"))
+    pd.testing.assert_frame_equal(serial_labels, parallel_labels)
+    assert serial.dice.nunique() == 3  # the shifts differ, so an order mix-up would show
+
+
 def test_network_path_at_native_resolution_maps_the_field_to_the_fixed_grid(tmp_path, shifted_pair):
     path = tmp_path / "student.pt"
     model = build_network(CascadeSpec(kind="student", width=4, depth=3, affine=True, affine_width=4))

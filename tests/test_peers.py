@@ -1,3 +1,4 @@
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -26,7 +27,6 @@ def test_ants_syn_recovers_a_shift():
 def test_ants_end_to_end_on_files_warps_image_and_labels_and_times_each_stage(tmp_path):
     pytest.importorskip("ants", reason="antspyx is in the [peers] and [test] extras")
     import nibabel as nib
-    import numpy as np
 
     from ldreg.peers import ants_register_files
 
@@ -58,7 +58,6 @@ def test_voxelmorph_peer_trains_with_the_same_loop(tmp_path):
 def _shifted_blob_files(tmp_path, spacing=2.0):
     """A blob (moving, with labels) 3 voxels before the same blob (fixed) along the first axis."""
     import nibabel as nib
-    import numpy as np
 
     affine = np.diag([spacing, spacing, spacing, 1.0])
     moving, moving_labels = blob_volume((32, 32, 32), centre=[15, 16, 16], radius=7)
@@ -73,7 +72,6 @@ def _shifted_blob_files(tmp_path, spacing=2.0):
 def test_greedy_registers_a_known_shift_end_to_end_on_files(tmp_path):
     pytest.importorskip("picsl_greedy", reason="picsl-greedy is in the [peers] and [test] extras")
     import nibabel as nib
-    import numpy as np
 
     from ldreg.io import itk_array_to_field
     from ldreg.peers import GreedySetting, greedy_register_files
@@ -99,7 +97,10 @@ def test_greedy_on_arrays_gives_the_field_in_voxels():
     fixed, fixed_labels = blob_volume((32, 32, 32), centre=[18, 16, 16], radius=7)
     field = greedy_field(moving, fixed, spacing=3.0, setting=GreedySetting("20x10x5"))
     assert field.shape == (3, 32, 32, 32)
-    assert field[0, 25, 16, 16] == pytest.approx(-3, abs=0.75)  # voxels, whatever the spacing
+    # voxels, whatever the spacing (in mm the shift would read -9): Greedy's smoothed field recovers
+    # -2.4 to -2.6 of the 3-voxel shift inside the blob, from call to call (one voxel at the blob's
+    # edge, asserted here before, moved between -3.2 and -3.8 and failed the test once in a while)
+    assert np.median(field[0][fixed_labels > 0]) == pytest.approx(-3, abs=1)
     warped = warp_labels(torch.from_numpy(moving_labels)[None, None], torch.from_numpy(field)[None])[0, 0].numpy()
     assert mean_dice(warped, fixed_labels) > mean_dice(moving_labels, fixed_labels) + 0.15
 

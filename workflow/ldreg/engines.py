@@ -121,3 +121,14 @@ def default_precision(device: str = "cpu") -> str:
     """bfloat16 on CPUs with bf16 units (fields within 1e-4 mean Dice of float32 in the speed
     profile), float32 elsewhere and on GPUs."""
     return "bfloat16" if device == "cpu" and bf16_units() else "float32"
+
+
+def device_for(name: str = "auto"):
+    """The torch device a job runs on: ``auto`` is CUDA where torch sees a GPU, else the CPU."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' asked for but CUDA is not available")
+    return torch.device(name)

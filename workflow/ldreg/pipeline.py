@@ -16,20 +16,20 @@ import torch
 from . import data as data_mod
 from . import peers
 from .config_checks import speed_profile_problems, student_targets, student_uses_teacher, student_variant
-from .engines import cpu_summary
+from .engines import cpu_summary, device_for
 from .evaluate import evaluate_pairs, flow_predictor, refined_predictor, validator
 from .io import InputError, write_csv
 from .methods import Method, parse_method
 from .modelfile import load_model, read_model_file, save_model
 from .networks import CascadeSpec, build_network, complexity
 from .preprocessing import Preprocessing
-from .report import (ablation_table, accuracy_table, accuracy_vs_time, dice_boxplot, learning_curves, qualitative_panel,
-                     speed_table, training_curves, write_table)
 from .timing import time_model_grid
-from .training import FlowCache, TrainConfig, cache_teacher_flows, device_for, load_images, train, write_loss_log
 from .warp import warp_image, warp_labels
 
 log = logging.getLogger("ldreg")
+
+# report (matplotlib, scipy.stats) and training (MONAI's losses) are imported by the jobs that use
+# them: 1.5 of the 2.5 s that importing this module took, paid by every evaluation job
 
 
 def usable_threads(threads) -> int:
@@ -104,6 +104,8 @@ def preprocess(config: dict, source_root, out_dir, subjects_csv, pairs_csv, thre
 
 
 def _train_inputs(subjects_csv, pairs_csv):
+    from .training import load_images
+
     subjects = pd.read_csv(subjects_csv)
     pairs = pd.read_csv(pairs_csv)
     train_pairs = pairs[pairs.split == "train"].reset_index(drop=True)
@@ -127,6 +129,8 @@ def training_validator(config, subjects_csv, pairs_csv, device: str = "cpu"):
 
 def _run_training(name, spec: CascadeSpec, train_cfg: dict, config, subjects_csv, pairs_csv, model_out, loss_csv,
                   checkpoint, flow_cache_path=None, val_csv=None):
+    from .training import FlowCache, TrainConfig, train, write_loss_log
+
     images, pairs = _train_inputs(subjects_csv, pairs_csv)
     cfg = TrainConfig.from_dict({"seed": config["seed"], **train_cfg})
     model = build_network(spec, seed=cfg.seed)
@@ -183,6 +187,8 @@ def voxelmorph_train_settings(config: dict) -> dict:
 
 def training_steps(config: dict, rule: str, variant: str | None = None) -> int:
     """The steps a training job (rule train_teacher, train_student of ``variant``, train_voxelmorph) runs."""
+    from .training import TrainConfig
+
     own = {"train_teacher": lambda: config["teacher"].get("train", {}),
            "train_student": lambda: student_settings(config, variant)[1],
            "train_voxelmorph": lambda: voxelmorph_train_settings(config)}[rule]()
@@ -201,6 +207,8 @@ def train_voxelmorph(config, subjects_csv, pairs_csv, model_out, loss_csv, check
 def cache_flows(config, teacher_path, subjects_csv, pairs_csv, out, refine: dict | None = None) -> None:
     """The teacher's field for every training pair; ``refine`` (teacher_cache.refine's form; None or
     steps 0: none) refines each on its pair first."""
+    from .training import cache_teacher_flows
+
     images, pairs = _train_inputs(subjects_csv, pairs_csv)
     model, _, _ = load_model(teacher_path)
     refine = dict(refine or {"steps": 0})
@@ -311,7 +319,7 @@ def native_tables(config, eval_csvs: dict, out_dir, figure_path) -> None:
     """``accuracy_native`` (the cohort's test pairs at their own resolution) and
     ``accuracy_real`` (the real anatomy), CSV + Markdown, and the accuracy-vs-time figure of both."""
     from .native import native_accuracy_table
-    from .report import native_accuracy_vs_time
+    from .report import native_accuracy_vs_time, write_table
 
     tables = {}
     for cohort, paths in eval_csvs.items():
@@ -348,6 +356,8 @@ def time_ants(config, out_csv, threads: int) -> None:
 
 
 def tables(config, eval_csvs: dict, timing_csvs: dict, model_paths: dict, out_dir) -> None:
+    from .report import ablation_table, accuracy_table, speed_table, write_table
+
     evals = pd.concat([pd.read_csv(p) for p in eval_csvs.values()], ignore_index=True)
     speed = pd.concat([pd.read_csv(p).assign(method=m) for m, p in timing_csvs.items()], ignore_index=True)
     speed = speed[["method"] + [c for c in speed.columns if c != "method"]]
@@ -376,6 +386,8 @@ def tables(config, eval_csvs: dict, timing_csvs: dict, model_paths: dict, out_di
 def resolved_variants(config: dict) -> dict:
     """Each switched-on student variant's network and training settings as trained: the
     variant's own over the students' defaults over the code's defaults."""
+    from .training import TrainConfig
+
     out = {}
     for name, own in config["students"]["variants"].items():
         if own is None:
@@ -388,6 +400,8 @@ def resolved_variants(config: dict) -> dict:
 
 def figures(config, eval_csvs: dict, accuracy_csv, loss_csvs: dict, model_paths: dict, subjects_csv, pairs_csv, out_dir,
             validation_csvs: dict | None = None) -> None:
+    from .report import accuracy_vs_time, dice_boxplot, learning_curves, qualitative_panel, training_curves
+
     out_dir = Path(out_dir)
     evals = pd.concat([pd.read_csv(p) for p in eval_csvs.values()], ignore_index=True)
     dice_boxplot(evals, out_dir / "dice_boxplot.png")
@@ -437,6 +451,8 @@ def benchmark_core(config, out_csv) -> None:
 
 def speed_profile(config, model_paths: dict, subjects_csv, pairs_csv, profile_csv, machine_csv) -> None:
     """``results/tables/speed_profile`` and ``speed_machine`` (CSV + Markdown)."""
+    from .report import write_table
+
     from .speed_profile import speed_profile as profile
 
     sp = config["speed_profile"]

@@ -123,14 +123,6 @@ class TrainConfig:
         return min(1.0, (step + 1) / self.adversarial_ramp_steps) if self.adversarial_ramp_steps else 1.0
 
 
-def device_for(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' asked for but CUDA is not available")
-    return torch.device(name)
-
-
 def load_images(subjects: pd.DataFrame) -> dict[str, torch.Tensor]:
     """Preprocessed images by subject id, as (1, 1, D, H, W) float tensors."""
     out = {}

@@ -17,9 +17,12 @@ rule train_student:
     benchmark:
         f"{RESULTS}/benchmarks/train_student_{{variant}}.tsv"
     threads: train_threads
-    # after the teacher (the critical path) and the VoxelMorph peer (the longest job): the
-    # students are shorter and fill the cores around them
-    priority: 5
+    # below the teacher and its cache, above the VoxelMorph peer: a teacher-taught student is the
+    # last link of the critical path (teacher -> cache -> student) and starts the moment the cache
+    # is written; at equal priority the 2-core default run started the unsupervised twin there and
+    # the taught student 114 s later, when VoxelMorph freed its core. An unsupervised student, ready
+    # at the start, now runs beside the teacher and VoxelMorph after it
+    priority: 8
     resources:
         mem_mb=4000,
         gpu=0,
@@ -45,9 +48,8 @@ rule train_voxelmorph:
     benchmark:
         f"{RESULTS}/benchmarks/train_voxelmorph.tsv"
     threads: train_threads
-    # the longest job that needs no teacher (776 s on 2 cores of an AMD EPYC Zen 4): started beside
-    # the teacher, before the students. Below them, it started last in the 2-core default run and
-    # ran alone for 12 of its 13 minutes (38 min in all, the cores 81 % busy)
+    # the longest job that needs no teacher (650 s beside another job on 2 cores of an AMD EPYC
+    # Zen 4): below the students (see train_student), above the evaluations
     priority: 7
     resources:
         mem_mb=4000,

@@ -36,7 +36,8 @@ from ldreg.io import write_csv
 from ldreg.modelfile import load_model
 from ldreg.pipeline import _train_inputs, student_settings
 from ldreg.networks import build_network
-from ldreg.training import FlowCache, TrainConfig, cache_teacher_flows, device_for, train
+from ldreg.engines import device_for
+from ldreg.training import FlowCache, TrainConfig, cache_teacher_flows, train
 
 
 def _data(results: Path):
