@@ -11,7 +11,7 @@ from ldreg.metrics import mean_dice
 from ldreg.modelfile import load_model, save_model
 from ldreg.networks import CascadeSpec, Critic, affine_field, build_network, complexity, count_parameters
 from ldreg.guard import DivergenceGuard, TrainingDiverged
-from ldreg.training import TrainConfig, train
+from ldreg.training import ResearchOptions, TrainConfig, train
 from ldreg.warp import warp_image, warp_labels
 
 
@@ -134,7 +134,8 @@ def test_thirty_student_steps_lower_the_loss_and_raise_dice(tmp_path):
     pairs = pd.DataFrame([{"pair_id": "m__f", "moving": "m", "fixed": "f"}])
     model = build_network(CascadeSpec(kind="student", width=8, depth=3, affine=False))
     cfg = TrainConfig(steps=30, lr=3e-3, smoothness_weight=0.01, checkpoint_every=1000)
-    model, losses, _, _ = train(model, pairs, images, cfg, tmp_path / "ckpt", show_progress=False)
+    result = train(model, pairs, images, cfg, tmp_path / "ckpt", show_progress=False)
+    model, losses = result.model, result.losses
     assert losses.loss.iloc[-3:].mean() < 0.2 * losses.loss.iloc[0]
     with torch.no_grad():
         flow = model(images["m"], images["f"])["flow"]
@@ -159,8 +160,8 @@ def test_aldk_trains_both_student_and_critic_and_critic_ranks_teacher_higher(tmp
     model = build_network(CascadeSpec(kind="student", width=4, depth=3, affine=False))
     before = [p.detach().clone() for p in model.parameters()]
     cfg = TrainConfig(steps=6, lr=1e-3, adversarial=True, critic_lr=5e-3, critic_width=4, critic_steps=2, checkpoint_every=1000)
-    model, losses, _, critic = train(model, pairs, images, cfg, tmp_path / "ckpt", flow_cache=_Cache(teacher), show_progress=False)
-    assert isinstance(critic, Critic)
+    result = train(model, pairs, images, cfg, tmp_path / "ckpt", flow_cache=_Cache(teacher), show_progress=False)
+    model, losses, critic = result.model, result.losses, result.critic
     moved = [not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters())]
     assert all(moved), "every student tensor (flow head included) must receive gradient"
     fresh = Critic(width=4)
@@ -322,13 +323,16 @@ def test_normalised_adversarial_term_is_the_raw_one_over_sqrt_field_elements(tmp
     terms = {}
     for normalise in (False, True):
         torch.manual_seed(0)
-        cfg = TrainConfig(steps=1, adversarial=True, adversarial_normalise=normalise, critic_width=4)
-        _, losses, _, _ = train(build_network(spec), pairs, images, cfg, tmp_path / f"{normalise}.ckpt",
-                                flow_cache=_Cache(teacher), show_progress=False)
+        cfg = TrainConfig(steps=1, adversarial=True, critic_width=4,
+                          research=ResearchOptions(adversarial_normalise=normalise))
+        losses = train(build_network(spec), pairs, images, cfg, tmp_path / f"{normalise}.ckpt",
+                       flow_cache=_Cache(teacher), show_progress=False).losses
         terms[normalise] = float(losses.adversarial.iloc[0])
     assert terms[True] == pytest.approx(terms[False] / (3 * 16**3) ** 0.5, rel=1e-4)
-    with pytest.raises(ValueError, match="critic_condition"):
-        TrainConfig.from_dict({"critic_condition": "images"})
+    with pytest.raises(ValueError, match="research.critic_condition"):
+        TrainConfig.from_dict({"research": {"critic_condition": "images"}})
+    with pytest.raises(ValueError, match=r"unknown training option\(s\) \['critic_condition'\]"):
+        TrainConfig.from_dict({"critic_condition": "pair"})  # a research option lives under research
 
 
 def test_critic_batch_grows_with_its_history_of_student_fields(tmp_path, monkeypatch):
@@ -345,12 +349,13 @@ def test_critic_batch_grows_with_its_history_of_student_fields(tmp_path, monkeyp
         return real(critic, t, s, *args)
 
     monkeypatch.setattr(training, "critic_loss", spy)
-    cfg = TrainConfig(steps=5, adversarial=True, critic_history=3, critic_steps=1, critic_width=4)
+    cfg = TrainConfig.from_dict({"steps": 5, "adversarial": True, "research": {"critic_history": 3}, "critic_steps": 1,
+                                "critic_width": 4})
     train(build_network(CascadeSpec(kind="student", width=4, depth=3, affine=False)), pairs, images, cfg,
           tmp_path / "c.ckpt", flow_cache=_Cache(teacher), show_progress=False)
     assert seen == [1, 2, 3, 4, 4]
-    with pytest.raises(ValueError, match="critic_history"):
-        TrainConfig.from_dict({"critic_history": -1})
+    with pytest.raises(ValueError, match="research.critic_history"):
+        TrainConfig.from_dict({"research": {"critic_history": -1}})
 
 
 def test_teacher_region_keeps_the_teacher_field_where_the_fixed_image_has_signal(tmp_path, monkeypatch):
@@ -388,16 +393,17 @@ def test_teacher_region_keeps_the_teacher_field_where_the_fixed_image_has_signal
 
     monkeypatch.setattr(training, "critic_loss", spy)
     cfg = TrainConfig(steps=2, adversarial=True, adversarial_target="features", critic_steps=1, critic_width=4,
-                      teacher_region="foreground", distillation="epe", distillation_weight=0.1)
-    _, losses, _, _ = train(build_network(CascadeSpec(kind="student", width=4, depth=3, affine=False)), pairs, images,
-                            cfg, tmp_path / "r.ckpt", flow_cache=_Cache(teachers), show_progress=False)
+                      research=ResearchOptions(teacher_region="foreground"), distillation="epe",
+                      distillation_weight=0.1)
+    losses = train(build_network(CascadeSpec(kind="student", width=4, depth=3, affine=False)), pairs, images,
+                   cfg, tmp_path / "r.ckpt", flow_cache=_Cache(teachers), show_progress=False).losses
     t, s = seen[0]
     background = foreground_region(images[pairs.fixed.iloc[0]]) == 0
     assert bool(background.any()) and float(t[background.expand_as(t)].abs().max()) == 0
     assert float(s[background.expand_as(s)].abs().max()) == 0 and float(t.abs().max()) == 0.5
     assert np.isfinite(losses.distillation).all() and np.isfinite(losses.adversarial).all()
-    with pytest.raises(ValueError, match="teacher_region"):
-        TrainConfig.from_dict({"teacher_region": "brain"})
+    with pytest.raises(ValueError, match="research.teacher_region"):
+        TrainConfig.from_dict({"research": {"teacher_region": "brain"}})
 
 
 def test_a_seeded_network_starts_from_the_same_weights():
@@ -412,12 +418,12 @@ def test_training_resumes_from_checkpoint(tmp_path):
     spec = CascadeSpec(kind="student", width=4, depth=3, affine=False)
     cfg = TrainConfig(steps=6, lr=1e-3, checkpoint_every=3)
     torch.manual_seed(0)
-    full, full_losses, _, _ = train(build_network(spec), pairs, images, cfg, tmp_path / "a.ckpt", show_progress=False)
+    full_losses = train(build_network(spec), pairs, images, cfg, tmp_path / "a.ckpt", show_progress=False).losses
     torch.manual_seed(0)
     # an interrupted run: 3 steps (writing the checkpoint at step 3), then a fresh process resumes
     train(build_network(spec), pairs, images, TrainConfig(steps=4, lr=1e-3, checkpoint_every=3), tmp_path / "b.ckpt", show_progress=False)
     torch.manual_seed(0)
-    resumed, resumed_losses, _, _ = train(build_network(spec), pairs, images, cfg, tmp_path / "b.ckpt", show_progress=False)
+    resumed_losses = train(build_network(spec), pairs, images, cfg, tmp_path / "b.ckpt", show_progress=False).losses
     assert len(resumed_losses) == 6
     np.testing.assert_allclose(resumed_losses.loss.values, full_losses.loss.values, rtol=1e-4)
 
@@ -451,8 +457,9 @@ def test_a_divergence_is_remedied_from_the_last_good_state(tmp_path, caplog):
     # with room for enough halvings the run ends, after restarts from its last validated state
     cfg = TrainConfig(steps=30, lr=1.0, max_restarts=12, checkpoint_every=1000, validate_every=5)
     ok = lambda model: {"dice": 0.5, "folding_percent": 0.0}
-    model, losses, val_log, _ = train(build_network(spec), pairs, images, cfg, tmp_path / "f.ckpt", show_progress=False,
-                                      validate=ok)
+    result = train(build_network(spec), pairs, images, cfg, tmp_path / "f.ckpt", show_progress=False,
+                   validate=ok)
+    losses, val_log = result.losses, result.validation
     assert len(losses) == 30 and np.isfinite(losses.loss).all() and list(losses.step) == list(range(1, 31))
     assert losses.lr.iloc[-1] < 1.0 and val_log.restarts.iloc[0] >= 1
 
@@ -484,8 +491,8 @@ def test_validation_is_logged_and_guards_folding(tmp_path):
         train(build_network(spec), pairs, images, cfg, tmp_path / "h.ckpt", show_progress=False, validate=validate)
     calls.clear()
     validate_ok = lambda model: {"dice": 0.5, "folding_percent": 0.0}
-    _, _, val_log, _ = train(build_network(spec), pairs, images, cfg, tmp_path / "i.ckpt", show_progress=False,
-                             validate=validate_ok)
+    val_log = train(build_network(spec), pairs, images, cfg, tmp_path / "i.ckpt", show_progress=False,
+                    validate=validate_ok).validation
     assert list(val_log.step) == [0, 2, 4, 6] and (val_log.cpu_seconds.diff().dropna() >= 0).all()
 
 
@@ -495,10 +502,17 @@ def test_a_run_that_keeps_diverging_can_end_at_its_last_good_state(tmp_path):
     cfg = TrainConfig(steps=30, lr=50.0, max_restarts=1, on_exhausted="last_good", checkpoint_every=1000,
                       validate_every=5)
     ok = lambda model: {"dice": 0.5, "folding_percent": 0.0}
-    model, losses, val_log, _ = train(build_network(spec), pairs, images, cfg, tmp_path / "j.ckpt",
-                                      show_progress=False, validate=ok)
-    assert model.diverged["step"] >= 1 and model.diverged["kept_step"] == 0 and "field" in model.diverged["symptom"]
-    assert len(losses) == 0 and "diverged at step" in val_log.stopped.iloc[0]
+    torch.manual_seed(0)
+    result = train(build_network(spec), pairs, images, cfg, tmp_path / "j.ckpt",
+                   show_progress=False, validate=ok)
+    stopped = result.stopped
+    assert stopped["step"] >= 1 and stopped["kept_step"] == 0 and "field" in stopped["symptom"]
+    assert not hasattr(result.model, "diverged")  # the result says why, not an attribute on the network
+    assert len(result.losses) == 0 and "diverged at step" in result.validation.stopped.iloc[0]
+    # the model is the last good state (step 0: the network as built), not the diverged one
+    torch.manual_seed(0)
+    fresh = build_network(spec)
+    assert all(torch.equal(a, b) for a, b in zip(result.model.state_dict().values(), fresh.state_dict().values()))
 
 
 def test_a_checkpoint_from_other_settings_is_not_resumed(tmp_path, caplog):
@@ -507,8 +521,8 @@ def test_a_checkpoint_from_other_settings_is_not_resumed(tmp_path, caplog):
     train(build_network(spec), pairs, images, TrainConfig(steps=4, lr=1e-3, checkpoint_every=3), tmp_path / "k.ckpt",
           show_progress=False)
     with caplog.at_level("WARNING"):
-        _, losses, _, _ = train(build_network(spec), pairs, images, TrainConfig(steps=6, lr=5e-4, checkpoint_every=3),
-                                tmp_path / "k.ckpt", show_progress=False)
+        losses = train(build_network(spec), pairs, images, TrainConfig(steps=6, lr=5e-4, checkpoint_every=3),
+                       tmp_path / "k.ckpt", show_progress=False).losses
     assert "other training settings (lr)" in caplog.text and losses.step.iloc[0] == 1
 
 

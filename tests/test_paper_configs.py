@@ -74,8 +74,9 @@ def test_paper_config_trains_two_steps_on_a_tiny_grid(tmp_path):
 
     teacher = build_network(_spec("teacher", config["teacher"]))
     assert len(teacher.stages) == 10
-    teacher, losses, _, _ = train(teacher, pairs, images, two_steps(config["teacher"]["train"]), tmp_path / "t.ckpt",
-                                  show_progress=False, name="teacher")
+    result = train(teacher, pairs, images, two_steps(config["teacher"]["train"]), tmp_path / "t.ckpt",
+                   show_progress=False, name="teacher")
+    teacher, losses = result.model, result.losses
     assert len(losses) == 2 and np.isfinite(losses.loss).all()
     cache_teacher_flows(teacher, pairs, images, tmp_path / "flows.pt")
     spec, train_cfg = student_settings(config, "aldk")
@@ -85,7 +86,8 @@ def test_paper_config_trains_two_steps_on_a_tiny_grid(tmp_path):
     assert cfg.adversarial_target == "unbounded" and cfg.similarity_weight == 1.0 and cfg.adversarial_weight == 1.0
     assert student_targets(config, "aldk") == "raw" and config["teacher_cache"]["refine"]["steps"] == 0
     student = build_network(spec)
-    student, losses, _, critic = train(student, pairs, images, cfg, tmp_path / "s.ckpt", FlowCache(tmp_path / "flows.pt"),
-                                       show_progress=False, name="student_aldk")
+    result = train(student, pairs, images, cfg, tmp_path / "s.ckpt", FlowCache(tmp_path / "flows.pt"),
+                   show_progress=False, name="student_aldk")
+    student, losses, critic = result.model, result.losses, result.critic
     assert critic is not None and len(losses) == 2
     assert np.isfinite(losses[["loss", "adversarial", "critic"]].to_numpy()).all()

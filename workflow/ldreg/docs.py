@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .methods import ANTS, greedy_method
+
 BLOCK = re.compile(r"(<!-- begin generated: (\w+) -->\n)(.*?)(<!-- end generated: \2 -->)", re.S)
 
 
@@ -82,7 +84,7 @@ def _ours(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def targets_block(real: pd.DataFrame, native: pd.DataFrame | None = None, recommended: str = "student_aldk_long",
-                  greedy: str = "peer_greedy_fast", ants: str = "peer_ants_syn") -> str:
+                  greedy: str = greedy_method("fast"), ants: str = ANTS) -> str:
     """Issue 26's targets, read off the native-resolution tables: met or missed, and by how much."""
     rows = []
     r = real.set_index("method")

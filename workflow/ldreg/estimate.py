@@ -21,6 +21,8 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .methods import ANTS
+
 REFERENCE_FILE = Path(__file__).with_name("reference_run.json")
 # jobs whose cost follows the number of training steps (and the grid's voxels)
 TRAINING_RULES = ("train_teacher", "train_student", "train_voxelmorph")
@@ -211,7 +213,7 @@ def planned_from_benchmarks(bench_dir, config: dict, cores: int) -> list[Planned
         rule = next((r for r in BENCHMARKED_RULES if name == r or name.startswith(r + "_")), None)
         if rule is None:
             continue
-        threads = cores if rule in ALL_CORE_RULES or name == "evaluate_peer_ants_syn" else max(1, cores // 2)
+        threads = cores if rule in ALL_CORE_RULES or name == f"evaluate_{ANTS}" else max(1, cores // 2)
         steps = None
         if rule in TRAINING_RULES:
             steps = training_steps(config, rule, name.removeprefix("train_student_") if rule == "train_student" else None)

@@ -19,7 +19,7 @@ from .config_checks import speed_profile_problems, student_targets, student_uses
 from .engines import cpu_summary, device_for
 from .evaluate import evaluate_pairs, flow_predictor, refined_predictor, validator
 from .io import InputError, write_csv
-from .methods import Method, parse_method
+from .methods import ANTS, Method, parse_method
 from .modelfile import load_model, read_model_file, save_model
 from .networks import CascadeSpec, build_network, complexity
 from .preprocessing import Preprocessing
@@ -103,7 +103,8 @@ def preprocess(config: dict, source_root, out_dir, subjects_csv, pairs_csv, thre
 # --------------------------------------------------------------------------------- training
 
 
-def _train_inputs(subjects_csv, pairs_csv):
+def training_inputs(subjects_csv, pairs_csv):
+    """(images of the subjects the training pairs use, by id; the training pairs) of a run's data."""
     from .training import load_images
 
     subjects = pd.read_csv(subjects_csv)
@@ -131,7 +132,7 @@ def _run_training(name, spec: CascadeSpec, train_cfg: dict, config, subjects_csv
                   checkpoint, flow_cache_path=None, val_csv=None):
     from .training import FlowCache, TrainConfig, train, write_loss_log
 
-    images, pairs = _train_inputs(subjects_csv, pairs_csv)
+    images, pairs = training_inputs(subjects_csv, pairs_csv)
     cfg = TrainConfig.from_dict({"seed": config["seed"], **train_cfg})
     model = build_network(spec, seed=cfg.seed)
     grid = tuple(config["preprocessing"]["grid"])
@@ -141,13 +142,12 @@ def _run_training(name, spec: CascadeSpec, train_cfg: dict, config, subjects_csv
     cache = FlowCache(flow_cache_path) if flow_cache_path else None
     device = device_for(config.get("device", "auto"))
     validate = training_validator(config, subjects_csv, pairs_csv, str(device))
-    model, losses, val_log, _ = train(model, pairs, images, cfg, checkpoint, cache, str(device), validate=validate,
-                                      name=name)
-    write_loss_log(losses, loss_csv, cfg.seed)
+    result = train(model, pairs, images, cfg, checkpoint, cache, str(device), validate=validate, name=name)
+    write_loss_log(result.losses, loss_csv, cfg.seed)
     if val_csv:
-        write_loss_log(val_log.assign(model=name), val_csv, cfg.seed)
-    training = {"config": cfg.__dict__, "pairs": len(pairs), "diverged": getattr(model, "diverged", None)}
-    save_model(model_out, model.cpu(), preprocessing_from(config), training, name)
+        write_loss_log(result.validation.assign(model=name), val_csv, cfg.seed)
+    training = {"config": cfg.to_dict(), "pairs": len(pairs), "diverged": result.stopped}
+    save_model(model_out, result.model.cpu(), preprocessing_from(config), training, name)
     Path(checkpoint).unlink(missing_ok=True)  # done: the model file supersedes it
 
 
@@ -209,7 +209,7 @@ def cache_flows(config, teacher_path, subjects_csv, pairs_csv, out, refine: dict
     steps 0: none) refines each on its pair first."""
     from .training import cache_teacher_flows
 
-    images, pairs = _train_inputs(subjects_csv, pairs_csv)
+    images, pairs = training_inputs(subjects_csv, pairs_csv)
     model, _, _ = load_model(teacher_path)
     refine = dict(refine or {"steps": 0})
     report = cache_teacher_flows(model, pairs, images, out, str(device_for(config.get("device", "auto"))), refine)
@@ -363,7 +363,7 @@ def tables(config, eval_csvs: dict, timing_csvs: dict, model_paths: dict, out_di
     speed = speed[["method"] + [c for c in speed.columns if c != "method"]]
     grid = tuple(config["preprocessing"]["grid"])
     params = {m: complexity(load_model(p)[0], grid)["parameters"] for m, p in model_paths.items()}
-    params["identity"] = params["peer_ants_syn"] = 0
+    params["identity"] = params[ANTS] = 0
     params["affine"] = sum(x.numel() for x in load_model(model_paths["teacher"])[0].affine.parameters())
     accuracy = accuracy_table(evals, speed, params)
     for method, path in model_paths.items():  # a training that ended at its last good state says so
@@ -393,7 +393,7 @@ def resolved_variants(config: dict) -> dict:
         if own is None:
             continue
         spec, train_cfg = student_settings(config, name)
-        out[name] = {**spec.to_dict(), **TrainConfig.from_dict({"seed": config["seed"], **train_cfg}).__dict__,
+        out[name] = {**spec.to_dict(), **TrainConfig.from_dict({"seed": config["seed"], **train_cfg}).to_dict(),
                      "targets": student_targets(config, name) or "none"}
     return out
 

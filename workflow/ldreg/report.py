@@ -14,7 +14,7 @@ from scipy.stats import kendalltau, wilcoxon  # noqa: E402
 
 from .evaluate import registration_flag  # noqa: E402
 from .io import atomic_path, write_csv  # noqa: E402
-from .methods import parse_method  # noqa: E402
+from .methods import ANTS, parse_method  # noqa: E402
 from .native import pareto_front  # noqa: E402
 from .training import TrainConfig  # noqa: E402
 
@@ -60,7 +60,7 @@ def accuracy_table(evals: pd.DataFrame, speed: pd.DataFrame, params: dict) -> pd
 
 
 def speed_table(speed: pd.DataFrame, teacher: str = "teacher", student: str = "student_aldk",
-                ants: str = "peer_ants_syn") -> pd.DataFrame:
+                ants: str = ANTS) -> pd.DataFrame:
     """CPU timing per method, grid and threads, with the speed-ups over the teacher and over ANTs
     SyN and each method's time as a ratio to the ``student``'s (the recommended one; same grid
     and threads, same run). Without a timed ANTs the speed-up over it is NaN."""

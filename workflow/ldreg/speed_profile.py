@@ -263,12 +263,7 @@ def speed_profile(models: dict, engines, grids, thread_counts, repeats: int, war
     if reference not in ran:
         ran.insert(0, reference)
     cpu = cpu_summary()
-    machine = pd.DataFrame([r for n in thread_counts for r in run_isolated(
-        "ldreg.speed_profile:machine_throughput", threads=n)])
-    start_up = process_start_up(str(models[reference_model or next(iter(models))]), max(thread_counts))
-    machine = pd.concat([machine, pd.DataFrame(start_up)], ignore_index=True)
-    machine.insert(0, "cpu", cpu)
-    machine["torch"] = torch.__version__
+    machine = _machine_table(str(models[reference_model or next(iter(models))]), thread_counts, cpu)
     scores = {(m, e): engine_scores(p, e, subjects, test_pairs, spacing) for m, p in models.items() for e in ran}
     dice = {k: v["dice"] for k, v in scores.items()}
     identity = engine_scores(None, reference, subjects, test_pairs, spacing)["dice"]
@@ -282,6 +277,39 @@ def speed_profile(models: dict, engines, grids, thread_counts, repeats: int, war
             reference_model = None
     flops = {(m, tuple(g)): run_isolated("ldreg.speed_profile:count_flops", model_path=str(p), grid=list(g))["flops"]
              for m, p in models.items() for g in dict.fromkeys(c[2] for c in configs)}
+    rows = _network_rows(models, configs, machine, flops, dice, reference, repeats, warmup, seed)
+    inputs = {(grid, threads, input_label(native)): native for _, _, grid, threads, native in configs}
+    peers = ([(ANTS, "ants", "profile_ants", {}, ants_repeats, ANTS_AVAILABLE, ants_missing_note())] if ants_repeats else [])
+    peers += [(greedy_method(name), "greedy", "profile_greedy", {"setting": setting}, greedy_repeats, GREEDY_AVAILABLE,
+               greedy_missing_note()) for name, setting in (greedy_settings or {}).items() if greedy_repeats]
+    rows += _peer_rows(peers, inputs, spacing, seed, skipped_rows)
+    table = _compared(pd.DataFrame(rows), baseline_model, reference, reference_model, dice, unguarded)
+    table["identity_dice"] = identity
+    table = pd.concat([table, pd.DataFrame(skipped_rows)], ignore_index=True)
+    table.insert(1, "cpu", cpu)
+    order = ["model", "cpu", "engine", "grid", "input", "threads", "total_s", "total_min_s", *[f"{s}_s" for s in STAGES],
+             "write_nii_gz_s", "peak_rss_mb", "gflops", "achieved_gflops_per_s", "machine_conv3d_gflops_per_s",
+             "fraction_of_machine", "speedup_vs_baseline", "network_speedup_vs_baseline", "speedup_vs_ants_syn", "dice",
+             "identity_dice", "dice_change_vs_reference", *(["dice_change_vs_reference_model"] if reference_model else []),
+             "accuracy_note", "repeats", "warmup", "seed"]
+    return table.reindex(columns=order), machine
+
+
+def _machine_table(model_path: str, thread_counts, cpu: str) -> pd.DataFrame:
+    """The machine's convolution and memory throughput per thread count, and a registration
+    process's start-up (imports, model load)."""
+    machine = pd.DataFrame([r for n in thread_counts for r in run_isolated(
+        "ldreg.speed_profile:machine_throughput", threads=n)])
+    start_up = process_start_up(model_path, max(thread_counts))
+    machine = pd.concat([machine, pd.DataFrame(start_up)], ignore_index=True)
+    machine.insert(0, "cpu", cpu)
+    machine["torch"] = torch.__version__
+    return machine
+
+
+def _network_rows(models: dict, configs, machine: pd.DataFrame, flops: dict, dice: dict, reference: str,
+                  repeats: int, warmup: int, seed: int) -> list[dict]:
+    """One row per (model, engine, grid, threads, input), each profiled in a process of its own."""
     rows = []
     for k, (name, engine, grid, threads, native) in enumerate(configs, 1):
         t = time.perf_counter()
@@ -298,10 +326,13 @@ def speed_profile(models: dict, engines, grids, thread_counts, repeats: int, war
                      "machine_conv3d_gflops_per_s": best.gflops_per_s.max(),
                      "dice": dice[(name, engine)], "dice_change_vs_reference": dice[(name, engine)] - dice[(name, reference)],
                      "repeats": repeats, "warmup": warmup, "seed": seed})
-    inputs = {(grid, threads, input_label(native)): native for _, _, grid, threads, native in configs}
-    peers = ([(ANTS, "ants", "profile_ants", {}, ants_repeats, ANTS_AVAILABLE, ants_missing_note())] if ants_repeats else [])
-    peers += [(greedy_method(name), "greedy", "profile_greedy", {"setting": setting}, greedy_repeats, GREEDY_AVAILABLE,
-               greedy_missing_note()) for name, setting in (greedy_settings or {}).items() if greedy_repeats]
+    return rows
+
+
+def _peer_rows(peers, inputs: dict, spacing: float, seed: int, skipped_rows: list) -> list[dict]:
+    """ANTs SyN and Greedy, end to end on the same inputs and threads; a peer that is not
+    installed gets a note row in ``skipped_rows`` instead."""
+    rows = []
     for peer, engine, profiler, options, peer_repeats, available, missing in peers:
         if not available:
             log.warning("%s not timed: %s", peer, missing)
@@ -315,7 +346,13 @@ def speed_profile(models: dict, engines, grids, thread_counts, repeats: int, war
                      threads, res["total_s"], time.perf_counter() - t)
             rows.append({"model": peer, "engine": engine, "grid": "x".join(map(str, grid)), "input": input_label(native),
                          "threads": threads, **res, "repeats": peer_repeats, "warmup": 0, "seed": seed})
-    table = pd.DataFrame(rows)
+    return rows
+
+
+def _compared(table: pd.DataFrame, baseline_model: str, reference: str, reference_model: str | None, dice: dict,
+              unguarded: str) -> pd.DataFrame:
+    """Each row against the machine, the baseline model, ANTs SyN and the reference engine and
+    model (speed-ups, Dice changes, and a note where Dice is lost beyond the tolerance)."""
     table["fraction_of_machine"] = table.achieved_gflops_per_s / table.machine_conv3d_gflops_per_s
     base = table[(table.model == baseline_model) & (table.engine == reference)].set_index(["grid", "input", "threads"])
     key = list(zip(table.grid, table.input, table.threads))
@@ -332,12 +369,4 @@ def speed_profile(models: dict, engines, grids, thread_counts, repeats: int, war
                                                          f"{reference_model} {reference}" if w else ""]))
                  for n, w in zip(notes, worse)]
     table["accuracy_note"] = ["; ".join(filter(None, [n, unguarded])) for n in notes]
-    table["identity_dice"] = identity
-    table = pd.concat([table, pd.DataFrame(skipped_rows)], ignore_index=True)
-    table.insert(1, "cpu", cpu)
-    order = ["model", "cpu", "engine", "grid", "input", "threads", "total_s", "total_min_s", *[f"{s}_s" for s in STAGES],
-             "write_nii_gz_s", "peak_rss_mb", "gflops", "achieved_gflops_per_s", "machine_conv3d_gflops_per_s",
-             "fraction_of_machine", "speedup_vs_baseline", "network_speedup_vs_baseline", "speedup_vs_ants_syn", "dice",
-             "identity_dice", "dice_change_vs_reference", *(["dice_change_vs_reference_model"] if reference_model else []),
-             "accuracy_note", "repeats", "warmup", "seed"]
-    return table.reindex(columns=order), machine
+    return table

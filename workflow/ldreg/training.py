@@ -8,7 +8,7 @@ import logging
 import math
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import nibabel as nib
@@ -28,6 +28,43 @@ log = logging.getLogger(__name__)
 
 
 TEACHER_REGIONS = ("all", "foreground")
+
+
+@dataclass(frozen=True)
+class ResearchOptions:
+    """Options of the critic and the teacher's region that experiments measured and the default
+    run does not use (``train.research`` in the config; docs/experiments.md has each verdict).
+    Every default is the paper's."""
+    critic_input: str = "raw"  # raw (the paper) | unit_rms (each field at unit RMS: magnitude is no cue)
+    critic_condition: str = "none"  # none (the paper) | pair (the critic also sees the moving and fixed images)
+    # divide the student's adversarial term by sqrt(elements of the field): a WGAN-GP critic's
+    # gradient has norm ~1 over the whole field, a mean-reduced similarity's ~1/sqrt(N)
+    adversarial_normalise: bool = False
+    # spectrally normalised critic layers: its gradient bounded everywhere, not only at the
+    # gradient penalty's sampled interpolates
+    critic_spectral_norm: bool = False
+    # the critic's batch: this step's student field and up to this many earlier ones (detached,
+    # each with its pair's teacher field); 0 is the paper's one pair
+    critic_history: int = 0
+    # where the teacher's field is learnt from (distillation and critic): all (the paper) |
+    # foreground (losses.foreground_region of the fixed image; the critic sees both fields zeroed
+    # outside it)
+    teacher_region: str = "all"
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "ResearchOptions":
+        d = dict(d or {})
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown research option(s) {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+        options = cls(**d)
+        for key, allowed in (("critic_input", CRITIC_INPUTS), ("critic_condition", CRITIC_CONDITIONS),
+                             ("teacher_region", TEACHER_REGIONS)):
+            if getattr(options, key) not in allowed:
+                raise ValueError(f"research.{key} must be one of {allowed}, got {getattr(options, key)!r}")
+        if options.critic_history < 0:
+            raise ValueError(f"research.critic_history must be >= 0, got {options.critic_history}")
+        return options
 
 
 @dataclass
@@ -51,30 +88,11 @@ class TrainConfig:
     critic_steps: int = 1
     critic_lr: float = 1e-4
     critic_width: int = 8
-    critic_input: str = "raw"  # raw (the paper) | unit_rms (each field at unit RMS: magnitude is no cue)
-    critic_condition: str = "none"  # none (the paper) | pair (the critic also sees the moving and fixed images)
-    # divide the student's adversarial term by sqrt(elements of the field): a WGAN-GP critic's
-    # gradient has norm ~1 over the whole field, a mean-reduced similarity's ~1/sqrt(N) (measured
-    # at 48x64x48: 0.0124 against 0.0034 after 40 critic steps, growing), so without it the
-    # adversarial term outweighs the similarity whatever the weights say (the paper: no scaling)
-    adversarial_normalise: bool = False
-    # spectrally normalised critic layers: its gradient is bounded everywhere (WGAN-GP bounds it
-    # only at the sampled interpolates; at batch 1 the default runs' critics ran away: scores
-    # swinging +-60 within 20 steps, and the student followed their gradient)
-    critic_spectral_norm: bool = False
-    # the critic's batch: this step's student field and up to this many earlier ones (detached,
-    # each with its pair's teacher field); 0 is the paper's one pair. At one pair the critic's
-    # estimate swung by tens within a few steps and the student followed it
-    critic_history: int = 0
     # unbounded: the student's adversarial term is -D(student) (the paper); teacher: the hinge
     # max(0, D(teacher) - D(student)), nothing to gain past the teacher field's score; features:
     # the critic's activation maps of the pair's teacher field matched (losses.feature_matching_loss)
     adversarial_target: str = "unbounded"
     adversarial_ramp_steps: int = 0  # the adversarial weight grows linearly from 0 over these steps
-    # where the teacher's field is learnt from (distillation and critic): all (the paper) |
-    # foreground (losses.foreground_region of the fixed image; the critic sees both fields zeroed
-    # outside it)
-    teacher_region: str = "all"
     warmup_steps: int = 0  # learning rate grows linearly from 0 over these steps
     lr_schedule: str = "constant"  # constant | cosine (to lr_min_fraction * lr at the last step)
     lr_min_fraction: float = 0.05
@@ -85,6 +103,7 @@ class TrainConfig:
     # when the remedies are used up: 'stop' (TrainingDiverged, no model) or 'last_good' (training
     # ends at the last state that passed; the model file and tables say where and why)
     on_exhausted: str = "stop"
+    research: ResearchOptions = field(default_factory=ResearchOptions)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -92,19 +111,11 @@ class TrainConfig:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown training option(s) {sorted(unknown)}; known: {sorted(known)}")
-        cfg = cls(**d)
+        cfg = cls(**{**d, "research": ResearchOptions.from_dict(d.get("research"))})
         if cfg.on_exhausted not in ("stop", "last_good"):
             raise ValueError(f"on_exhausted must be 'stop' or 'last_good', got {cfg.on_exhausted!r}")
-        if cfg.critic_input not in CRITIC_INPUTS:
-            raise ValueError(f"critic_input must be one of {CRITIC_INPUTS}, got {cfg.critic_input!r}")
-        if cfg.critic_condition not in CRITIC_CONDITIONS:
-            raise ValueError(f"critic_condition must be one of {CRITIC_CONDITIONS}, got {cfg.critic_condition!r}")
         if cfg.adversarial_target not in ADVERSARIAL_TARGETS:
             raise ValueError(f"adversarial_target must be one of {ADVERSARIAL_TARGETS}, got {cfg.adversarial_target!r}")
-        if cfg.teacher_region not in TEACHER_REGIONS:
-            raise ValueError(f"teacher_region must be one of {TEACHER_REGIONS}, got {cfg.teacher_region!r}")
-        if cfg.critic_history < 0:
-            raise ValueError(f"critic_history must be >= 0, got {cfg.critic_history}")
         if cfg.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {cfg.lr_schedule!r}")
         return cfg
@@ -121,6 +132,10 @@ class TrainConfig:
 
     def adversarial_scale(self, step: int) -> float:
         return min(1.0, (step + 1) / self.adversarial_ramp_steps) if self.adversarial_ramp_steps else 1.0
+
+    def to_dict(self) -> dict:
+        """Plain values (the research options as a dict): for model files and tables."""
+        return asdict(self)
 
 
 def load_images(subjects: pd.DataFrame) -> dict[str, torch.Tensor]:
@@ -181,11 +196,11 @@ def cache_teacher_flows(teacher: CascadedRegistration, pairs: pd.DataFrame, imag
 
 
 def _critic_condition(cfg: TrainConfig, moving, fixed):
-    return torch.cat([moving, fixed], 1) if cfg.critic_condition == "pair" else None
+    return torch.cat([moving, fixed], 1) if cfg.research.critic_condition == "pair" else None
 
 
 def _teacher_region(cfg: TrainConfig, fixed):
-    return foreground_region(fixed) if cfg.teacher_region == "foreground" else None
+    return foreground_region(fixed) if cfg.research.teacher_region == "foreground" else None
 
 
 def _in_region(field, region):
@@ -207,9 +222,9 @@ def _loss_terms(model, out, moving, fixed, cfg: TrainConfig, teacher_flow=None, 
         total = total + cfg.distillation_weight * terms["distillation"]
     if cfg.adversarial:
         # ALDK: gamma * (1 - CorrCoef) + (1 - gamma) * adversarial (the paper: similarity_weight 1)
-        terms["adversarial"] = adversarial_loss(critic, _in_region(out["flow"], region), cfg.critic_input, condition,
+        terms["adversarial"] = adversarial_loss(critic, _in_region(out["flow"], region), cfg.research.critic_input, condition,
                                                 _in_region(teacher_flow, region), cfg.adversarial_target)
-        if cfg.adversarial_normalise:
+        if cfg.research.adversarial_normalise:
             terms["adversarial"] = terms["adversarial"] / math.sqrt(out["flow"][0].numel())
         total = (total + cfg.similarity_weight * cfg.gamma * terms["similarity"]
                  + adv_scale * cfg.adversarial_weight * (1 - cfg.gamma) * terms["adversarial"])
@@ -219,196 +234,275 @@ def _loss_terms(model, out, moving, fixed, cfg: TrainConfig, teacher_flow=None, 
     return terms
 
 
-def train(model: CascadedRegistration, pairs: pd.DataFrame, images: dict, cfg: TrainConfig, checkpoint_path,
-          flow_cache: FlowCache | None = None, device: str = "cpu", show_progress: bool = True,
-          validate=None, name: str = "model"):
-    """Train ``model`` on ``pairs`` (columns pair_id, moving, fixed); resumes from
-    ``checkpoint_path`` if it exists. Returns (model, loss log, validation log, critic or None).
+@dataclass
+class TrainResult:
+    """What a training run ends with. ``model`` is the last state that passed the divergence
+    guard, in eval mode; ``stopped`` is None when every step ran, else why it ended early
+    (``{"step", "symptom", "kept_step"}``: diverged with its remedies used up, the model from
+    ``kept_step``)."""
+    model: CascadedRegistration
+    losses: pd.DataFrame  # one row per step kept: loss terms, learning rate, field RMS, seconds
+    validation: pd.DataFrame  # one row per validation, with restarts and stopped
+    critic: Critic | None
+    stopped: dict | None = None
 
-    ``validate(model) -> dict`` (metrics on held-out pairs: dice, epe_mm, folding_percent; see
-    :func:`ldreg.evaluate.validator`) runs every ``validate_every`` steps and at the end, each
-    time logged with the CPU seconds spent so far. A :class:`~ldreg.guard.DivergenceGuard`
-    watches every step and validation; on a symptom the run goes back to the last state that
-    passed (kept in memory at each validation), halves the learning rates and goes on, at most
-    ``max_restarts`` times, then stops with :class:`~ldreg.guard.TrainingDiverged`. Checkpoints
-    and the returned model are only ever states that passed."""
-    if pairs.empty:
-        raise InputError("no training pairs")
-    if (cfg.distillation != "none" or cfg.adversarial) and flow_cache is None:
-        raise ValueError("distillation and ALDK need the teacher flow cache")
-    torch.manual_seed(cfg.seed)
-    device = torch.device(device)
-    model = model.to(device).train()
-    optimiser = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    critic = critic_opt = None
-    if cfg.adversarial:
-        critic = Critic(width=cfg.critic_width, in_channels=3 + 2 * (cfg.critic_condition == "pair"),
-                        spectral_norm=cfg.critic_spectral_norm).to(device).train()
-        # WGAN-GP's recommended Adam betas
-        critic_opt = torch.optim.Adam(critic.parameters(), lr=cfg.critic_lr, betas=(0.5, 0.9))
-    grid = tuple(next(iter(images.values())).shape[2:])
-    guard = DivergenceGuard(grid)
-    history = deque(maxlen=max(cfg.critic_history, 1))  # (student field, teacher field, condition), newest first
 
-    def snapshot(step, rows, val_rows, lr_factor, restarts) -> dict:
-        state = {"model": model.state_dict(), "optimiser": optimiser.state_dict(), "rows": rows, "val_rows": val_rows,
-                 "step": step, "lr_factor": lr_factor, "restarts": restarts, "settings": _resume_settings(cfg)}
-        if critic is not None:
-            state.update(critic=critic.state_dict(), critic_opt=critic_opt.state_dict())
+class Trainer:
+    """One training run in named parts: :meth:`batch`, :meth:`critic_step`, :meth:`student_step`,
+    :meth:`validation`, :meth:`remedy`, :meth:`checkpoint`; :meth:`run` strings them together.
+
+    A :class:`~ldreg.guard.DivergenceGuard` watches every step and validation; on a symptom the
+    run goes back to the last state that passed (kept in memory at each validation), halves the
+    learning rates and goes on, at most ``max_restarts`` times, then stops with
+    :class:`~ldreg.guard.TrainingDiverged` (or, with ``on_exhausted: last_good``, ends at that
+    state). Checkpoints and the returned model are only ever states that passed."""
+
+    def __init__(self, model: CascadedRegistration, pairs: pd.DataFrame, images: dict, cfg: TrainConfig,
+                 checkpoint_path, flow_cache: FlowCache | None = None, device: str = "cpu", validate=None,
+                 name: str = "model"):
+        if pairs.empty:
+            raise InputError("no training pairs")
+        if (cfg.distillation != "none" or cfg.adversarial) and flow_cache is None:
+            raise ValueError("distillation and ALDK need the teacher flow cache")
+        torch.manual_seed(cfg.seed)
+        self.cfg, self.images, self.flow_cache, self.validate, self.name = cfg, images, flow_cache, validate, name
+        self.device = torch.device(device)
+        self.model = model.to(self.device).train()
+        self.optimiser = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        self.critic = self.critic_opt = None
+        if cfg.adversarial:
+            self.critic = Critic(width=cfg.critic_width, in_channels=3 + 2 * (cfg.research.critic_condition == "pair"),
+                                 spectral_norm=cfg.research.critic_spectral_norm).to(self.device).train()
+            # WGAN-GP's recommended Adam betas
+            self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=cfg.critic_lr, betas=(0.5, 0.9))
+        self.grid = tuple(next(iter(images.values())).shape[2:])
+        self.guard = DivergenceGuard(self.grid)
+        self.history = deque(maxlen=max(cfg.research.critic_history, 1))  # (student field, teacher field, condition), newest first
+        self.records = pairs.to_dict("records")
+        self.checkpoint_path = Path(checkpoint_path)
+        self.rows, self.val_rows, self.step, self.lr_factor, self.restarts = [], [], 0, 1.0, 0
+        self.identity = {}  # validation metrics without registration: the floor
+        self.good = None  # the last state that passed
+        self.cpu0, self.t0 = time.process_time(), time.perf_counter()
+
+    # -- state ------------------------------------------------------------------------------
+    def snapshot(self) -> dict:
+        state = {"model": self.model.state_dict(), "optimiser": self.optimiser.state_dict(), "rows": self.rows,
+                 "val_rows": self.val_rows, "step": self.step, "lr_factor": self.lr_factor,
+                 "restarts": self.restarts, "settings": _resume_settings(self.cfg)}
+        if self.critic is not None:
+            state.update(critic=self.critic.state_dict(), critic_opt=self.critic_opt.state_dict())
         return copy.deepcopy(state)
 
-    def restore(state) -> None:
-        model.load_state_dict(state["model"])
-        optimiser.load_state_dict(state["optimiser"])
-        if critic is not None:
-            critic.load_state_dict(state["critic"])
-            critic_opt.load_state_dict(state["critic_opt"])
+    def restore(self, state: dict) -> None:
+        """Weights and optimisers from ``state``, with its logs and step."""
+        self.model.load_state_dict(state["model"])
+        self.optimiser.load_state_dict(state["optimiser"])
+        if self.critic is not None:
+            self.critic.load_state_dict(state["critic"])
+            self.critic_opt.load_state_dict(state["critic_opt"])
+        self.rows, self.val_rows = copy.deepcopy(state["rows"]), copy.deepcopy(state.get("val_rows", []))
+        self.step = state["step"]
 
-    identity = {}
-    cpu0, t0 = time.process_time(), time.perf_counter()
+    def resume(self) -> None:
+        """Continue from the checkpoint, if one was written with the same settings."""
+        if not self.checkpoint_path.exists():
+            return
+        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
+        settings = _resume_settings(self.cfg)
+        if state.get("settings", settings) != settings:
+            changed = sorted(k for k, v in settings.items() if state["settings"].get(k) != v)
+            log.warning("%s: %s was written with other training settings (%s): starting afresh", self.name,
+                        self.checkpoint_path, ", ".join(changed))
+            return
+        self.restore(state)
+        self.lr_factor, self.restarts = state.get("lr_factor", 1.0), state.get("restarts", 0)
+        self.guard.start = [r["similarity"] for r in self.rows[:self.guard.limits.warmup]]
+        log.info("%s: resumed from %s at step %d", self.name, self.checkpoint_path, self.step)
 
-    def run_validation(step) -> dict:
-        model.eval()
-        with torch.inference_mode():
-            metrics = validate(model)
-        model.train()
-        return {"step": step, **metrics, "cpu_seconds": time.process_time() - cpu0,
-                "seconds": time.perf_counter() - t0}
+    def checkpoint(self) -> None:
+        with atomic_path(self.checkpoint_path) as tmp:
+            torch.save(self.good, tmp)
 
-    rows, val_rows, start, lr_factor, restarts = [], [], 0, 1.0, 0
-    stopped = None
-    checkpoint_path = Path(checkpoint_path)
-    state = torch.load(checkpoint_path, map_location=device, weights_only=False) if checkpoint_path.exists() else None
-    if state is not None and state.get("settings", _resume_settings(cfg)) != _resume_settings(cfg):
-        changed = sorted(k for k, v in _resume_settings(cfg).items() if state["settings"].get(k) != v)
-        log.warning("%s: %s was written with other training settings (%s): starting afresh", name, checkpoint_path,
-                    ", ".join(changed))
-        state = None
-    if state is not None:
-        restore(state)
-        rows, val_rows, start = state["rows"], state.get("val_rows", []), state["step"]
-        lr_factor, restarts = state.get("lr_factor", 1.0), state.get("restarts", 0)
-        guard.start = [r["similarity"] for r in rows[:guard.limits.warmup]]
-        log.info("%s: resumed from %s at step %d", name, checkpoint_path, start)
-    if validate is not None:
-        with torch.inference_mode():
-            identity = validate(None)  # no registration on the same pairs: the floor
-        log.info("%s: validation pairs without registration: %s", name, _fmt(identity))
-        if not val_rows:
-            val_rows.append(run_validation(0))
-    good = snapshot(start, rows, val_rows, lr_factor, restarts)
-    records = pairs.to_dict("records")
-    bar = progress(total=cfg.steps, initial=start, desc=f"train {name}", logger=__name__, disable=not show_progress)
-    step = start
-    while step < cfg.steps:
-        # the batch depends only on (seed, step): a resumed run sees the same pairs
-        rng = np.random.default_rng([cfg.seed, step])
-        batch = [records[i] for i in rng.integers(0, len(records), cfg.batch_size)]
-        moving = torch.cat([images[r["moving"]] for r in batch]).to(device)
-        fixed = torch.cat([images[r["fixed"]] for r in batch]).to(device)
+    # -- one step -----------------------------------------------------------------------------
+    def batch(self, step: int):
+        """(moving, fixed, teacher field or None) of ``step``: it depends only on (seed, step),
+        so a resumed run sees the same pairs."""
+        rng = np.random.default_rng([self.cfg.seed, step])
+        batch = [self.records[i] for i in rng.integers(0, len(self.records), self.cfg.batch_size)]
+        moving = torch.cat([self.images[r["moving"]] for r in batch]).to(self.device)
+        fixed = torch.cat([self.images[r["fixed"]] for r in batch]).to(self.device)
         teacher_flow = None
-        if flow_cache is not None:
-            teacher_flow = torch.cat([flow_cache.get(r["pair_id"], grid) for r in batch]).to(device)
-        lr = cfg.lr * cfg.lr_scale(step) * lr_factor
-        for group in optimiser.param_groups:
+        if self.flow_cache is not None:
+            teacher_flow = torch.cat([self.flow_cache.get(r["pair_id"], self.grid) for r in batch]).to(self.device)
+        return moving, fixed, teacher_flow
+
+    def critic_step(self, moving, fixed, teacher_flow, condition, region, row: dict) -> None:
+        """``critic_steps`` updates of the critic on the student's current fields against the
+        teacher's (and, with ``research.critic_history``, earlier ones); its loss and Wasserstein estimate
+        go into ``row``."""
+        cfg = self.cfg
+        for group in self.critic_opt.param_groups:
+            group["lr"] = cfg.critic_lr * self.lr_factor
+        with torch.no_grad():
+            student_flow = self.model(moving, fixed)["flow"]
+        samples = [(_in_region(student_flow, region), _in_region(teacher_flow, region), condition)]
+        if cfg.research.critic_history:
+            samples += list(self.history)
+            self.history.appendleft(samples[0])
+        students, teachers = torch.cat([s[0] for s in samples]), torch.cat([s[1] for s in samples])
+        conditions = None if samples[0][2] is None else torch.cat([s[2] for s in samples])
+        for _ in range(cfg.critic_steps):
+            d_loss, wasserstein = critic_loss(self.critic, teachers, students, cfg.beta, cfg.gp_weight,
+                                              cfg.research.critic_input, conditions)
+            self.critic_opt.zero_grad(set_to_none=True)
+            d_loss.backward()
+            self.critic_opt.step()
+        row["critic"], row["wasserstein"] = float(d_loss.detach()), float(wasserstein.detach())
+
+    def student_step(self) -> str | None:
+        """One step of the student (after the critic's, for ALDK). The guard looks at the losses
+        before the update, so that no step of a diverging state reaches the weights: returns
+        its symptom (nothing updated) or None (updated, logged, ``step`` advanced)."""
+        cfg, step = self.cfg, self.step
+        moving, fixed, teacher_flow = self.batch(step)
+        lr = cfg.lr * cfg.lr_scale(step) * self.lr_factor
+        for group in self.optimiser.param_groups:
             group["lr"] = lr
         row = {"step": step + 1, "lr": lr}
         condition = _critic_condition(cfg, moving, fixed)  # what the critic sees beside the field, both sides
-        region = _teacher_region(cfg, fixed) if flow_cache is not None else None
-        if critic is not None:
-            for group in critic_opt.param_groups:
-                group["lr"] = cfg.critic_lr * lr_factor
-            with torch.no_grad():
-                student_flow = model(moving, fixed)["flow"]
-            samples = [(_in_region(student_flow, region), _in_region(teacher_flow, region), condition)]
-            if cfg.critic_history:
-                samples += list(history)
-                history.appendleft(samples[0])
-            students, teachers = torch.cat([s[0] for s in samples]), torch.cat([s[1] for s in samples])
-            conditions = None if samples[0][2] is None else torch.cat([s[2] for s in samples])
-            for _ in range(cfg.critic_steps):
-                d_loss, wasserstein = critic_loss(critic, teachers, students, cfg.beta, cfg.gp_weight,
-                                                  cfg.critic_input, conditions)
-                critic_opt.zero_grad(set_to_none=True)
-                d_loss.backward()
-                critic_opt.step()
-            row["critic"], row["wasserstein"] = float(d_loss.detach()), float(wasserstein.detach())
-        out = model(moving, fixed)
-        terms = _loss_terms(model, out, moving, fixed, cfg, teacher_flow, critic, cfg.adversarial_scale(step), condition,
-                            region)
+        region = _teacher_region(cfg, fixed) if self.flow_cache is not None else None
+        if self.critic is not None:
+            self.critic_step(moving, fixed, teacher_flow, condition, region, row)
+        out = self.model(moving, fixed)
+        terms = _loss_terms(self.model, out, moving, fixed, cfg, teacher_flow, self.critic,
+                            cfg.adversarial_scale(step), condition, region)
         values = {k: float(v.detach()) for k, v in terms.items()}
         field_rms = float(out["flow"].detach().pow(2).sum(1).mean().sqrt())
-        # checked before the update, so that no step of a diverging state reaches the weights
         # a critic whose estimate runs away drags a student that climbs its score; a student that
         # matches its features (adversarial_target: features) has nothing to climb, and halving
         # its rate for the critic's swings only starves it (aldk_features.yaml: 3 remedies by step 103)
         watched_critic = None if cfg.adversarial_target == "features" else row.get("wasserstein")
-        symptom = guard.step(values, field_rms, watched_critic)
-        if symptom is None:
-            optimiser.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            if cfg.grad_clip:
-                row["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
-            optimiser.step()
-            row.update(values, field_rms=field_rms, seconds=time.perf_counter() - t0)
-            rows.append(row)
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
-            due = validate is not None and (step % cfg.validate_every == 0 or step == cfg.steps)
-            if due:
-                val = run_validation(step)
-                symptom = guard.validation(val, identity)
-                if symptom is None:
-                    val_rows.append(val)
-                    log.info("%s step %d: validation %s (CPU %.0f s)", name, step, _fmt(val), val["cpu_seconds"])
-            if symptom is None and (due or (validate is None and step % cfg.checkpoint_every == 0)):
-                good = snapshot(step, rows, val_rows, lr_factor, restarts)
-            if symptom is None and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                with atomic_path(checkpoint_path) as tmp:
-                    torch.save(good, tmp)
+        symptom = self.guard.step(values, field_rms, watched_critic)
         if symptom is not None:
-            if restarts >= cfg.max_restarts and cfg.on_exhausted == "last_good":
-                log.error("%s: diverged at step %d: %s; %d remedies used up: training ends at the last good state "
-                          "(step %d), which is what the model file holds", name, step + 1, symptom, restarts,
-                          good["step"])
-                restore(good)
-                rows, val_rows = copy.deepcopy(good["rows"]), copy.deepcopy(good["val_rows"])
-                stopped = {"step": step + 1, "symptom": symptom, "kept_step": good["step"]}
-                break
-            if restarts >= cfg.max_restarts:
-                raise TrainingDiverged(
-                    f"{name}: training diverged at step {step + 1}: {symptom}; {restarts} restart(s) from the last good "
-                    f"state with halved learning rates did not cure it; no model written (last good checkpoint: "
-                    f"{checkpoint_path if checkpoint_path.exists() else 'none'})")
-            restarts += 1
-            lr_factor *= 0.5
-            log.warning("%s: diverged at step %d: %s. Remedy %d/%d: back to the last good state (step %d), learning "
-                        "rates halved (x%.3g)", name, step + 1, symptom, restarts, cfg.max_restarts, good["step"],
-                        lr_factor)
-            restore(good)
-            history.clear()  # fields of the abandoned steps
-            rows, val_rows, step = copy.deepcopy(good["rows"]), copy.deepcopy(good["val_rows"]), good["step"]
-            good.update(lr_factor=lr_factor, restarts=restarts)
-            guard.reset()
-            bar.reset(total=cfg.steps)
-            bar.update(step)
-    bar.close()
-    done = max(step - start, 0)
-    log.info("%s: %d steps in %.0f s of this process: %.2f training steps per second (validation included)", name,
-             done, time.perf_counter() - t0, done / max(time.perf_counter() - t0, 1e-9))
-    val_log = pd.DataFrame(val_rows)
-    if len(val_log):
-        val_log["restarts"] = restarts
-        val_log["stopped"] = "" if stopped is None else (f"diverged at step {stopped['step']} "
-                                                         f"({stopped['symptom']}); kept step {stopped['kept_step']}")
-    model.diverged = stopped  # read by the caller for the model file
-    return model.eval(), pd.DataFrame(rows), val_log, critic
+            return symptom
+        self.optimiser.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        if cfg.grad_clip:
+            row["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+        self.optimiser.step()
+        row.update(values, field_rms=field_rms, seconds=time.perf_counter() - self.t0)
+        self.rows.append(row)
+        self.step += 1
+        return None
+
+    # -- validation, remedy -------------------------------------------------------------------
+    def validation(self) -> dict:
+        """``validate(model)`` on held-out pairs at the current step, with the CPU and wall seconds so far."""
+        self.model.eval()
+        with torch.inference_mode():
+            metrics = self.validate(self.model)
+        self.model.train()
+        return {"step": self.step, **metrics, "cpu_seconds": time.process_time() - self.cpu0,
+                "seconds": time.perf_counter() - self.t0}
+
+    def after_step(self) -> str | None:
+        """Validation when due (its symptom, or None), then the last good state and the checkpoint."""
+        cfg, step = self.cfg, self.step
+        due = self.validate is not None and (step % cfg.validate_every == 0 or step == cfg.steps)
+        if due:
+            val = self.validation()
+            symptom = self.guard.validation(val, self.identity)
+            if symptom is not None:
+                return symptom
+            self.val_rows.append(val)
+            log.info("%s step %d: validation %s (CPU %.0f s)", self.name, step, _fmt(val), val["cpu_seconds"])
+        if due or (self.validate is None and step % cfg.checkpoint_every == 0):
+            self.good = self.snapshot()
+        if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+            self.checkpoint()
+        return None
+
+    def remedy(self, symptom: str) -> dict | None:
+        """Back to the last good state with halved learning rates. With the remedies used up:
+        raises :class:`TrainingDiverged`, or (``on_exhausted: last_good``) ends at that state and
+        returns why."""
+        cfg, failed_step = self.cfg, self.step + 1
+        if self.restarts >= cfg.max_restarts and cfg.on_exhausted == "last_good":
+            log.error("%s: diverged at step %d: %s; %d remedies used up: training ends at the last good state "
+                      "(step %d), which is what the model file holds", self.name, failed_step, symptom,
+                      self.restarts, self.good["step"])
+            self.restore(self.good)
+            return {"step": failed_step, "symptom": symptom, "kept_step": self.good["step"]}
+        if self.restarts >= cfg.max_restarts:
+            raise TrainingDiverged(
+                f"{self.name}: training diverged at step {failed_step}: {symptom}; {self.restarts} restart(s) from the "
+                f"last good state with halved learning rates did not cure it; no model written (last good checkpoint: "
+                f"{self.checkpoint_path if self.checkpoint_path.exists() else 'none'})")
+        self.restarts += 1
+        self.lr_factor *= 0.5
+        log.warning("%s: diverged at step %d: %s. Remedy %d/%d: back to the last good state (step %d), learning "
+                    "rates halved (x%.3g)", self.name, failed_step, symptom, self.restarts, cfg.max_restarts,
+                    self.good["step"], self.lr_factor)
+        self.restore(self.good)
+        self.history.clear()  # fields of the abandoned steps
+        self.good.update(lr_factor=self.lr_factor, restarts=self.restarts)
+        self.guard.reset()
+        return None
+
+    # -- the run ------------------------------------------------------------------------------
+    def run(self, show_progress: bool = True) -> TrainResult:
+        self.resume()
+        start = self.step
+        if self.validate is not None:
+            with torch.inference_mode():
+                self.identity = self.validate(None)
+            log.info("%s: validation pairs without registration: %s", self.name, _fmt(self.identity))
+            if not self.val_rows:
+                self.val_rows.append(self.validation())
+        self.good = self.snapshot()
+        bar = progress(total=self.cfg.steps, initial=start, desc=f"train {self.name}", logger=__name__,
+                       disable=not show_progress)
+        stopped = None
+        while self.step < self.cfg.steps:
+            symptom = self.student_step()
+            if symptom is None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{self.rows[-1]['loss']:.4f}", refresh=False)
+                symptom = self.after_step()
+            if symptom is not None:
+                stopped = self.remedy(symptom)
+                if stopped is not None:
+                    break
+                bar.reset(total=self.cfg.steps)
+                bar.update(self.step)
+        bar.close()
+        done, seconds = max(self.step - start, 0), time.perf_counter() - self.t0
+        log.info("%s: %d steps in %.0f s of this process: %.2f training steps per second (validation included)",
+                 self.name, done, seconds, done / max(seconds, 1e-9))
+        val_log = pd.DataFrame(self.val_rows)
+        if len(val_log):
+            val_log["restarts"] = self.restarts
+            val_log["stopped"] = "" if stopped is None else (f"diverged at step {stopped['step']} "
+                                                             f"({stopped['symptom']}); kept step {stopped['kept_step']}")
+        return TrainResult(self.model.eval(), pd.DataFrame(self.rows), val_log, self.critic, stopped)
+
+
+def train(model: CascadedRegistration, pairs: pd.DataFrame, images: dict, cfg: TrainConfig, checkpoint_path,
+          flow_cache: FlowCache | None = None, device: str = "cpu", show_progress: bool = True,
+          validate=None, name: str = "model") -> TrainResult:
+    """Train ``model`` on ``pairs`` (columns pair_id, moving, fixed), resuming from
+    ``checkpoint_path`` if it exists (:class:`Trainer`).
+
+    ``validate(model) -> dict`` (metrics on held-out pairs: dice, epe_mm, folding_percent; see
+    :func:`ldreg.evaluate.validator`) runs every ``validate_every`` steps and at the end, each
+    time logged with the CPU seconds spent so far."""
+    return Trainer(model, pairs, images, cfg, checkpoint_path, flow_cache, device, validate, name).run(show_progress)
 
 
 def _resume_settings(cfg: TrainConfig) -> dict:
     """What a checkpoint must share with the run that resumes it (more steps may be asked for)."""
-    return {k: v for k, v in cfg.__dict__.items() if k != "steps"}
+    return {k: v for k, v in cfg.to_dict().items() if k != "steps"}
 
 
 def _fmt(metrics: dict) -> str:

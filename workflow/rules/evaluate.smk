@@ -11,7 +11,7 @@ rule evaluate:
         f"{RESULTS}/logs/evaluate_{{method}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/evaluate_{{method}}.tsv"
-    threads: lambda wildcards: all_cores() if wildcards.method == "peer_ants_syn" else slots(1)
+    threads: lambda wildcards: all_cores() if wildcards.method == ANTS else slots(1)
     resources:
         mem_mb=3000,
     conda:

@@ -1,7 +1,7 @@
 """Experiment: student variants trained side by side, each scored on the validation pairs every
 N steps (learning curve) and on the test pairs at the end.
 
-    python workflow/scripts/experiments/student_sweep.py SWEEP.yaml OUT_DIR [--results results]
+    python experiments/student_sweep.py SWEEP.yaml OUT_DIR [--results results]
         [--jobs 4] [--threads 1] [--device auto] [--teacher-flows CACHE.pt]
 
 SWEEP.yaml names a run config (``base``), the steps and validation interval, and the variants:
@@ -32,12 +32,45 @@ import yaml
 from ldreg.config_checks import student_uses_teacher
 from ldreg.engines import cpu_summary
 from ldreg.evaluate import evaluate_pairs, summary, validator
-from ldreg.io import write_csv
+from ldreg.io import InputError, write_csv
 from ldreg.modelfile import load_model
-from ldreg.pipeline import _train_inputs, student_settings
+from ldreg.pipeline import training_inputs, student_settings
 from ldreg.networks import build_network
 from ldreg.engines import device_for
 from ldreg.training import FlowCache, TrainConfig, cache_teacher_flows, train
+
+
+SWEEP_SCHEMA = Path(__file__).with_name("sweep.schema.yaml")
+CONFIG_SCHEMA = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
+
+
+def load_sweep(path: Path) -> tuple[dict, dict]:
+    """(sweep, base config) of SWEEP.yaml, both checked: the sweep against sweep.schema.yaml,
+    the base config with each variant merged in against the workflow's config schema. A problem
+    is an InputError naming the file, the variant and the key."""
+    import jsonschema
+
+    def problems(document, schema_path) -> list[str]:
+        schema = yaml.safe_load(schema_path.read_text())
+        found = jsonschema.Draft202012Validator(schema).iter_errors(document)
+        # best_match goes down into "one of these schemas" to the key that is wrong
+        found = [jsonschema.exceptions.best_match([e]) for e in found]
+        return [f"{'.'.join(map(str, e.absolute_path)) or '(top level)'}: {e.message}" for e in found]
+
+    sweep = yaml.safe_load(path.read_text())
+    found = problems(sweep, SWEEP_SCHEMA)
+    if found:
+        raise InputError(f"{path}: not a sweep ({SWEEP_SCHEMA.name}): " + "; ".join(found))
+    base = Path(sweep["base"])
+    if not base.exists():
+        raise InputError(f"{path}: base config {base} not found (paths are relative to the folder you run in)")
+    config = yaml.safe_load(base.read_text())
+    for name, override in sweep["variants"].items():
+        merged = {**config, "students": {**config["students"], "variants": {name: override or {}}}}
+        found = problems(merged, CONFIG_SCHEMA)
+        if found:
+            raise InputError(f"{path}: variant {name}: " + "; ".join(found))
+    return sweep, config
 
 
 def _data(results: Path):
@@ -54,7 +87,7 @@ def _flow_cache(results: Path, out_dir: Path, device: str) -> Path:
     cached = results / "cache" / "teacher_flows.pt"
     if cached.exists():
         return cached
-    images, train_pairs = _train_inputs(results / "data" / "subjects.csv", results / "data" / "pairs.csv")
+    images, train_pairs = training_inputs(results / "data" / "subjects.csv", results / "data" / "pairs.csv")
     teacher, _, _ = load_model(results / "models" / "teacher.pt", device)
     path = out_dir / "teacher_flows.pt"
     t = time.perf_counter()
@@ -76,14 +109,15 @@ def run_variant(name: str, override: dict, config: dict, sweep: dict, results: s
                  "steps": override.get("train", {}).get("steps", sweep["steps"])}
     cfg = TrainConfig.from_dict({"seed": config["seed"], **train_cfg})
     subjects, pairs = _data(results)
-    images, train_pairs = _train_inputs(results / "data" / "subjects.csv", results / "data" / "pairs.csv")
+    images, train_pairs = training_inputs(results / "data" / "subjects.csv", results / "data" / "pairs.csv")
     cache = FlowCache(cache_path) if student_uses_teacher(config, name) else None
     spacing = config["preprocessing"]["spacing_mm"]
     validate = validator(subjects, pairs[pairs.split == "val"].head(config["evaluation"]["validation_pairs"]),
                          spacing, device)
     cpu0, t0 = time.process_time(), time.perf_counter()
-    model, _, val_log, _ = train(build_network(spec, seed=cfg.seed), train_pairs, images, cfg, out_dir / f"{name}.ckpt", cache,
-                                 device, show_progress=False, validate=validate, name=name)
+    result = train(build_network(spec, seed=cfg.seed), train_pairs, images, cfg, out_dir / f"{name}.ckpt", cache,
+                   device, show_progress=False, validate=validate, name=name)
+    model, val_log = result.model, result.validation
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     (out_dir / f"{name}.ckpt").unlink(missing_ok=True)
     test = pairs[pairs.split == "test"]
@@ -112,8 +146,7 @@ def main(argv=None) -> None:
                     help="a flow cache to teach from instead of <results>/cache/teacher_flows.pt "
                          "(e.g. cache/teacher_flows_refined.pt)")
     args = ap.parse_args(argv)
-    sweep = yaml.safe_load(args.sweep.read_text())
-    config = yaml.safe_load(Path(sweep["base"]).read_text())
+    sweep, config = load_sweep(args.sweep)
     variants = {k: (v or {}) for k, v in sweep["variants"].items() if not args.only or k in args.only}
     device = str(device_for(args.device))
     args.out_dir.mkdir(parents=True, exist_ok=True)

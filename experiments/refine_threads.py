@@ -1,6 +1,6 @@
 """Experiment (issue 16 item 4): the refinement rows of the accuracy table at another thread count.
 
-    PYTHONPATH=workflow python workflow/scripts/experiments/refine_threads.py [THREADS] [RESULTS]
+    PYTHONPATH=workflow python experiments/refine_threads.py [THREADS] [RESULTS]
 
 Scores student_unsupervised + 5 and + 10 refinement steps and 10 optimisation steps from zero on
 the default run's 12 test pairs exactly as the `evaluate` rule does (ldreg.evaluate), at THREADS

@@ -5,7 +5,7 @@ of the convolutions, calibrated on training pairs). For each: median seconds of 
 at the model's grid, and mean test Dice against the float32 model's (an engine is only worth
 keeping within 0.005 Dice).
 
-    python workflow/scripts/experiments/engine_bench.py results/models/student_unsupervised.pt \
+    python experiments/engine_bench.py results/models/student_unsupervised.pt \
         results results/benchmarks/engines.csv [--threads 2] [--repeats 20]
 
 Not part of `all`: a research tool (docs/performance.md has the figures and the machine)."""

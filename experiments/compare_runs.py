@@ -1,6 +1,6 @@
 """Experiment: do runs of one configuration give the same verdict (issue 12 item 5)?
 
-    python workflow/scripts/experiments/compare_runs.py OUT_STEM RUN_DIR [RUN_DIR ...]
+    python experiments/compare_runs.py OUT_STEM RUN_DIR [RUN_DIR ...]
 
 Reads each RUN_DIR/tables/accuracy.csv and writes OUT_STEM_methods.{csv,md} (each method's Dice
 and rank per run) and OUT_STEM_agreement.{csv,md} (Kendall's tau and the swapped pairs of methods

@@ -1,7 +1,7 @@
 """Seconds per training step (forward, backward, Adam; local NCC + diffusion smoothness) of the
 teacher and student networks at each field resolution, on random input at the default grid.
 
-    OMP_NUM_THREADS=2 python workflow/scripts/experiments/train_step_bench.py --threads 2 [--grid 48 64 48]
+    OMP_NUM_THREADS=2 python experiments/train_step_bench.py --threads 2 [--grid 48 64 48]
 
 Prints one line per network: the median of ``--steps`` timed steps after one warm-up step.
 """

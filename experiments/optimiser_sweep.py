@@ -1,7 +1,7 @@
 """Experiment: per-pair optimisation settings (ldreg.optimise.optimise_field) on the default
 run's test pairs: Dice, EPE, folding and seconds per pair for each setting, one change at a time.
 
-    python workflow/scripts/experiments/optimiser_sweep.py results results/experiments/optimiser_sweep.csv [base|coarse]
+    python experiments/optimiser_sweep.py results results/experiments/optimiser_sweep.csv [base|coarse]
 
 Reads the default run's data (and, for the rows started from a model, its model files); writes
 one row per setting. Threads: torch's default (all cores). Not part of `all`: a research tool
