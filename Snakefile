@@ -36,7 +36,8 @@ rule all:
 # the run's duration on this CPU, said when it starts (ldreg.estimate) and checked when it ends
 onstart:
     RUN_STARTED["at"] = time.time()
-    if workflow.local_exec:
+    # --touch marks outputs up to date without running anything: no run to estimate or record
+    if workflow.local_exec and not workflow.touch:
         # a few seconds of calibration; never in the way of the run itself
         try:
             from ldreg.engines import cpu_summary
