@@ -151,13 +151,10 @@ def _run_training(name, spec: CascadeSpec, train_cfg: dict, config, subjects_csv
     Path(checkpoint).unlink(missing_ok=True)  # done: the model file supersedes it
 
 
-NETWORK_DEFAULTS = {"teacher": {"cascades": 2, "width": 16, "depth": 4, "affine": True, "affine_width": 16},
-                    "student": {"cascades": 1, "width": 16, "depth": 4, "affine": True, "affine_width": 8}}
-
-
 def _spec(kind: str, settings: dict) -> CascadeSpec:
-    merged = {**NETWORK_DEFAULTS[kind], **{k: v for k, v in settings.items() if k not in ("train", "targets")}}
-    return CascadeSpec(kind=kind, **merged)
+    """The network of a config section (``teacher`` or a student variant merged over
+    ``students.defaults``): config.yaml sets every network key, so nothing is defaulted here."""
+    return CascadeSpec(kind=kind, **{k: v for k, v in settings.items() if k not in ("train", "targets")})
 
 
 def train_teacher(config, subjects_csv, pairs_csv, model_out, loss_csv, checkpoint, val_csv=None) -> None:
