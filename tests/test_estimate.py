@@ -82,3 +82,10 @@ def test_finished_runs_are_recorded_and_rendered_for_the_docs(tmp_path):
     # the latest run of each target: `all` took 28.3 min against 30 estimated
     assert "| `all` | 57 | 2, CPU A | 30 min | 28.3 min |" in block and "25.0 min" not in block
     assert "| `ablation` |" in block
+    # a rerun of a few jobs of `all` (--forcerun) is recorded but does not stand for `all`
+    rerun = estimate.Estimate(seconds=60, cpu_work_s=100, longest_chain_s=60, cores=2, speed_ratio=1.0, jobs=5)
+    estimate.record_run(runs, 120.0, 50, rerun, ["all"], "CPU A")
+    estimate.record_run(runs, 150.0, 50, rerun, ["all", "time_cpu"], "CPU A")  # --forcerun time_cpu
+    assert len(open(runs).read().splitlines()) == 6
+    block = render_blocks(tmp_path)["durations"]
+    assert "| `all` | 57 | 2, CPU A | 30 min | 28.3 min |" in block and "time_cpu" not in block

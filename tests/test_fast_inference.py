@@ -179,6 +179,23 @@ def test_profile_one_times_every_stage(tmp_path):
     assert result["warped"].shape == (40, 48, 44) and result["field"].shape[-3:] == (40, 48, 44)
 
 
+def test_the_speed_table_times_the_network_stage_the_profile_times(tmp_path):
+    """One way to time the register path: time_cpu's rows are profile_one's network stage."""
+    from ldreg.timing import time_model_grid
+
+    prep = Preprocessing(spacing_mm=2.0, grid=(24, 24, 24))
+    model_path = tmp_path / "student.pt"
+    save_model(model_path, _strong_student(True), prep, {}, "student")
+    rows = time_model_grid(model_path, [(24, 24, 24)], [1], repeats=3, warmup=1)
+    assert len(rows) == 1 and rows[0]["grid"] == "24x24x24" and rows[0]["threads"] == 1
+    row = rows[0]
+    assert 0 < row["seconds_min"] <= row["seconds"] and row["peak_rss_mb"] > 50 and row["gflops"] > 0
+    # the same measurement as the profile's network column: within a factor of the other's noise
+    profile = profile_one(str(model_path), "float32", [24, 24, 24], threads=1, repeats=3, warmup=1)
+    assert profile["network_min_s"] <= profile["network_s"]
+    assert 0.2 < row["seconds"] / profile["network_s"] < 5
+
+
 def test_register_refinement_on_the_scan_recovers_a_known_shift_coarse_to_fine(tmp_path):
     from ldreg.losses import local_ncc_loss
     from ldreg.optimise import refine_schedule

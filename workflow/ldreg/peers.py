@@ -21,7 +21,6 @@ import numpy as np
 import torch
 
 from .io import InputError, itk_array_to_field
-from .timing import time_calls
 from .warp import identity_grid
 
 ANTS_AVAILABLE = importlib.util.find_spec("ants") is not None
@@ -102,16 +101,6 @@ def ants_predictor(spacing: float, threads: int = 1):
         return torch.from_numpy(field)[None]
 
     return predict
-
-
-def time_ants(grid, spacing: float, threads: int, repeats: int, warmup: int) -> dict:
-    """Median seconds of one SyN registration of a smooth random pair on ``grid``."""
-    rng = np.random.default_rng(0)
-    from scipy import ndimage
-
-    make = lambda: ndimage.gaussian_filter(rng.random(grid), 2).astype(np.float32)
-    moving, fixed = make(), make()
-    return time_calls(lambda: ants_syn_field(moving, fixed, spacing, threads), repeats, warmup)
 
 
 # --------------------------------------------------------------------------------- Greedy

@@ -126,9 +126,10 @@ def process_start_up(model_path: str, threads: int, repeats: int = 3) -> list[di
 
 
 def _stage_summary(runs: list[dict]) -> dict:
-    """Median of each stage, median and best total over ``runs``, and this process's peak memory."""
+    """Median and best of each stage and of the total over ``runs``, and this process's peak memory."""
     totals = [sum(r[s] for s in STAGES) for r in runs]
     return {**{f"{s}_s": statistics.median(r[s] for r in runs) for s in STAGES},
+            **{f"{s}_min_s": min(r[s] for r in runs) for s in STAGES},
             "total_s": statistics.median(totals), "total_min_s": min(totals), "peak_rss_mb": peak_rss_mb()}
 
 

@@ -1,5 +1,9 @@
-"""CPU timing of registration models: each configuration runs in a fresh process (so peak
-memory is that configuration's own), a warm-up then the median of repeated forward passes."""
+"""CPU timing: every speed table times the register path the same way, each configuration in a
+fresh process (so peak memory is that configuration's own), a warm-up then the median of the
+repeats: :func:`ldreg.speed_profile.profile_one` for a network (its stages: preprocess, network,
+warp, write) and :func:`ldreg.speed_profile.profile_ants` / ``profile_greedy`` for the peers.
+``speed`` (rule time_cpu) reads the network stage on the model's grid from there, ``speed_profile``
+every stage; the primitives (median of calls, peak memory, an isolated call) live here."""
 from __future__ import annotations
 
 import importlib
@@ -10,8 +14,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
-import torch
 
 from .modelfile import load_model
 from .networks import complexity
@@ -44,15 +46,6 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
 
-def _measure(model_path, grid, threads, repeats, warmup) -> dict:
-    torch.set_num_threads(threads)
-    model, _, _ = load_model(model_path, "cpu")
-    moving, fixed = torch.rand(1, 1, *tuple(grid)), torch.rand(1, 1, *tuple(grid))
-    with torch.inference_mode():
-        result = time_calls(lambda: model(moving, fixed, warp=False), repeats, warmup)
-    return {**result, "peak_rss_mb": peak_rss_mb()}
-
-
 def run_isolated(target: str, timeout: float = 3600, **kwargs):
     """``module:function`` called with ``kwargs`` in a fresh interpreter, its JSON result
     returned: timings free of the caller's caches and threads, peak memory its own (a
@@ -66,9 +59,21 @@ def run_isolated(target: str, timeout: float = 3600, **kwargs):
 
 
 def time_model(model_path, grid, threads: int = 1, repeats: int = 5, warmup: int = 1) -> dict:
-    """Median CPU seconds of a forward pass per pair (random input on ``grid``), isolated."""
-    return run_isolated("ldreg.timing:_measure", model_path=str(model_path), grid=list(grid), threads=threads,
-                        repeats=repeats, warmup=warmup)
+    """Seconds of the network stage of ``register`` on a brain pair on ``grid`` (float32, as
+    trained; median and best of ``repeats``) and the process's peak memory, isolated: the speed
+    profile's measurement (:func:`ldreg.speed_profile.profile_one`)."""
+    res = run_isolated("ldreg.speed_profile:profile_one", model_path=str(model_path), engine="float32",
+                       grid=list(grid), threads=threads, repeats=repeats, warmup=warmup)
+    return {"seconds": res["network_s"], "seconds_min": res["network_min_s"], "peak_rss_mb": res["peak_rss_mb"]}
+
+
+def time_ants(grid, spacing: float, threads: int, repeats: int) -> dict:
+    """Seconds of ANTs SyN's registration on the same brain pair on ``grid`` (median and best of
+    ``repeats``; reading, reslicing and writing apart), isolated: the speed profile's measurement
+    (:func:`ldreg.speed_profile.profile_ants`)."""
+    res = run_isolated("ldreg.speed_profile:profile_ants", grid=list(grid), threads=threads, repeats=repeats,
+                       warmup=0, spacing=spacing)
+    return {"seconds": res["network_s"], "seconds_min": res["network_min_s"]}
 
 
 def time_model_grid(model_path, grids, thread_counts, repeats=5, warmup=1) -> list[dict]:
