@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .methods import ANTS, greedy_method
+from .methods import ANTS, greedy_method, parse_method
 
 BLOCK = re.compile(r"(<!-- begin generated: (\w+) -->\n)(.*?)(<!-- end generated: \2 -->)", re.S)
 
@@ -74,9 +74,8 @@ def speed_block(profile: pd.DataFrame) -> str:
 
 
 def _ours(table: pd.DataFrame) -> pd.DataFrame:
-    """The project's rows that register (networks alone and refined), flagged ones left out."""
-    from .methods import parse_method
-
+    """The project's rows that register (networks alone and refined; not the VoxelMorph peer),
+    flagged ones left out."""
     kinds = table.method.map(lambda m: parse_method(m).kind)
     keep = kinds.isin(["model", "refine"]) & ~table.method.str.startswith("peer_") & table.dice_mean.notna()
     flagged = table.flag.fillna("").astype(str) != ""
