@@ -19,6 +19,7 @@ Not part of `all`: a research tool (docs/experiments.md has the figures and the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import multiprocessing as mp
 import time
@@ -37,7 +38,7 @@ from ldreg.modelfile import load_model
 from ldreg.pipeline import training_inputs, student_settings
 from ldreg.networks import build_network
 from ldreg.engines import device_for
-from ldreg.training import FlowCache, TrainConfig, cache_teacher_flows, train
+from ldreg.training import FlowCache, cache_teacher_flows, train
 
 
 SWEEP_SCHEMA = Path(__file__).with_name("sweep.schema.yaml")
@@ -103,11 +104,10 @@ def run_variant(name: str, override: dict, config: dict, sweep: dict, results: s
     logging.basicConfig(filename=out_dir / f"{name}.log", level=logging.INFO, force=True,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = {**config, "students": {**config["students"], "variants": {name: override}}}
-    spec, train_cfg = student_settings(config, name)
+    spec, cfg = student_settings(config, name)
     # the sweep's steps and validation interval over the base's, a variant's own steps over both
-    train_cfg = {**train_cfg, "validate_every": sweep["validate_every"],
-                 "steps": override.get("train", {}).get("steps", sweep["steps"])}
-    cfg = TrainConfig.from_dict({"seed": config["seed"], **train_cfg})
+    cfg = dataclasses.replace(cfg, validate_every=sweep["validate_every"],
+                              steps=override.get("train", {}).get("steps", sweep["steps"]))
     subjects, pairs = _data(results)
     images, train_pairs = training_inputs(results / "data" / "subjects.csv", results / "data" / "pairs.csv")
     cache = FlowCache(cache_path) if student_uses_teacher(config, name) else None

@@ -79,8 +79,8 @@ def test_paper_config_trains_two_steps_on_a_tiny_grid(tmp_path):
     teacher, losses = result.model, result.losses
     assert len(losses) == 2 and np.isfinite(losses.loss).all()
     cache_teacher_flows(teacher, pairs, images, tmp_path / "flows.pt")
-    spec, train_cfg = student_settings(config, "aldk")
-    cfg = two_steps(train_cfg)
+    spec, cfg = student_settings(config, "aldk")
+    cfg = two_steps(cfg.to_dict())
     assert cfg.adversarial and cfg.gamma == 0.3 and cfg.gp_weight == 0.1 and cfg.similarity == "correlation"
     # the paper's loss and targets, not config.yaml's variant of the same name that the file updates
     assert cfg.adversarial_target == "unbounded" and cfg.similarity_weight == 1.0 and cfg.adversarial_weight == 1.0

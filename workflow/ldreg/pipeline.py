@@ -128,12 +128,12 @@ def training_validator(config, subjects_csv, pairs_csv, device: str = "cpu"):
     return validator(pd.read_csv(subjects_csv), val, config["preprocessing"]["spacing_mm"], device)
 
 
-def _run_training(name, spec: CascadeSpec, train_cfg: dict, config, subjects_csv, pairs_csv, model_out, loss_csv,
+def _run_training(name, rule: str, variant: str | None, config, subjects_csv, pairs_csv, model_out, loss_csv,
                   checkpoint, flow_cache_path=None, val_csv=None):
-    from .training import FlowCache, TrainConfig, train, write_loss_log
+    from .training import FlowCache, train, write_loss_log
 
     images, pairs = training_inputs(subjects_csv, pairs_csv)
-    cfg = TrainConfig.from_dict({"seed": config["seed"], **train_cfg})
+    spec, cfg = training_job(config, rule, variant)
     model = build_network(spec, seed=cfg.seed)
     grid = tuple(config["preprocessing"]["grid"])
     info = complexity(model, grid)
@@ -157,48 +157,52 @@ def _spec(kind: str, settings: dict) -> CascadeSpec:
     return CascadeSpec(kind=kind, **{k: v for k, v in settings.items() if k not in ("train", "targets")})
 
 
+def training_job(config: dict, rule: str, variant: str | None = None):
+    """The typed settings of a training job, read from the validated config in one place:
+    (network, :class:`ldreg.training.TrainConfig`) of rule ``train_teacher``, ``train_student``
+    (``variant`` merged over ``students.defaults``) or ``train_voxelmorph`` (the students' training
+    defaults under the peer's own)."""
+    from .training import TrainConfig
+
+    if rule == "train_teacher":
+        spec, own = _spec("teacher", config["teacher"]), config["teacher"].get("train", {})
+    elif rule == "train_student":
+        settings = student_variant(config, variant)
+        spec, own = _spec("student", settings), settings["train"]
+    elif rule == "train_voxelmorph":
+        peer = config["peers"]["voxelmorph"]
+        spec = CascadeSpec(kind="voxelmorph", cascades=1, width=peer["width"], depth=peer["depth"], affine=False)
+        own = {**config["students"].get("defaults", {}).get("train", {}), **peer.get("train", {})}
+    else:
+        raise ValueError(f"{rule!r} is not a training rule")
+    return spec, TrainConfig.from_dict({"seed": config["seed"], **own})
+
+
+def student_settings(config: dict, variant: str):
+    """(network, TrainConfig) of a student variant."""
+    return training_job(config, "train_student", variant)
+
+
 def train_teacher(config, subjects_csv, pairs_csv, model_out, loss_csv, checkpoint, val_csv=None) -> None:
-    t = config["teacher"]
-    spec = _spec("teacher", t)
-    _run_training("teacher", spec, t.get("train", {}), config, subjects_csv, pairs_csv, model_out, loss_csv, checkpoint,
+    _run_training("teacher", "train_teacher", None, config, subjects_csv, pairs_csv, model_out, loss_csv, checkpoint,
                   val_csv=val_csv)
-
-
-def student_settings(config: dict, variant: str) -> tuple[CascadeSpec, dict]:
-    settings = student_variant(config, variant)
-    return _spec("student", settings), settings["train"]
 
 
 def train_student(config, variant, subjects_csv, pairs_csv, flow_cache, model_out, loss_csv, checkpoint,
                   val_csv=None) -> None:
-    spec, train_cfg = student_settings(config, variant)
-    _run_training(f"student_{variant}", spec, train_cfg, config, subjects_csv, pairs_csv, model_out, loss_csv,
+    _run_training(f"student_{variant}", "train_student", variant, config, subjects_csv, pairs_csv, model_out, loss_csv,
                   checkpoint, flow_cache if student_uses_teacher(config, variant) else None, val_csv)
-
-
-def voxelmorph_train_settings(config: dict) -> dict:
-    """VoxelMorph's training options: the students' defaults under its own overrides."""
-    return {**config["students"].get("defaults", {}).get("train", {}),
-            **config["peers"]["voxelmorph"].get("train", {})}
 
 
 def training_steps(config: dict, rule: str, variant: str | None = None) -> int:
     """The steps a training job (rule train_teacher, train_student of ``variant``, train_voxelmorph) runs."""
-    from .training import TrainConfig
-
-    own = {"train_teacher": lambda: config["teacher"].get("train", {}),
-           "train_student": lambda: student_settings(config, variant)[1],
-           "train_voxelmorph": lambda: voxelmorph_train_settings(config)}[rule]()
-    return TrainConfig.from_dict({"seed": config["seed"], **own}).steps
+    return training_job(config, rule, variant)[1].steps
 
 
 def train_voxelmorph(config, subjects_csv, pairs_csv, model_out, loss_csv, checkpoint, val_csv=None) -> None:
     """The VoxelMorph peer, with the students' data and step budget unless overridden."""
-    peer = config["peers"]["voxelmorph"]
-    spec = CascadeSpec(kind="voxelmorph", cascades=1, width=peer["width"], depth=peer["depth"], affine=False)
-    train_cfg = voxelmorph_train_settings(config)
-    _run_training("peer_voxelmorph", spec, train_cfg, config, subjects_csv, pairs_csv, model_out, loss_csv, checkpoint,
-                  val_csv=val_csv)
+    _run_training("peer_voxelmorph", "train_voxelmorph", None, config, subjects_csv, pairs_csv, model_out, loss_csv,
+                  checkpoint, val_csv=val_csv)
 
 
 def cache_flows(config, teacher_path, subjects_csv, pairs_csv, out, refine: dict | None = None) -> None:
@@ -384,14 +388,12 @@ def tables(config, eval_csvs: dict, timing_csvs: dict, model_paths: dict, out_di
 def resolved_variants(config: dict) -> dict:
     """Each switched-on student variant's network and training settings as trained: the
     variant's own over the students' defaults over the code's defaults."""
-    from .training import TrainConfig
-
     out = {}
     for name, own in config["students"]["variants"].items():
         if own is None:
             continue
-        spec, train_cfg = student_settings(config, name)
-        out[name] = {**spec.to_dict(), **TrainConfig.from_dict({"seed": config["seed"], **train_cfg}).to_dict(),
+        spec, cfg = student_settings(config, name)
+        out[name] = {**spec.to_dict(), **cfg.to_dict(),
                      "targets": student_targets(config, name) or "none"}
     return out
 
