@@ -77,9 +77,11 @@ def calibrate(grid, steps: int = 3, seed: int = 0) -> float:
     warm-up step."""
     import torch
 
+    from .allocator import keep_freed_memory
     from .losses import similarity_loss, smoothness_loss
     from .networks import CascadeSpec, build_network
 
+    keep_freed_memory()  # as the training jobs run
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -15,6 +15,7 @@ import torch
 
 from . import data as data_mod
 from . import peers
+from .allocator import keep_freed_memory
 from .config_checks import speed_profile_problems, student_targets, student_uses_teacher, student_variant
 from .engines import cpu_summary, device_for
 from .evaluate import evaluate_pairs, flow_predictor, refined_predictor, validator
@@ -48,6 +49,7 @@ def setup_logging(log_path=None, threads: int | None = None) -> None:
     logging.basicConfig(level=logging.INFO, handlers=handlers, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.captureWarnings(True)
+    keep_freed_memory()
     if threads:
         torch.set_num_threads(usable_threads(threads))
 

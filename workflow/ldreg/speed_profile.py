@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .allocator import keep_freed_memory
 from .engines import cpu_summary, engine_spec, native_engines, precision_native, skip_reason
 from .evaluate import evaluate_pairs, flow_predictor, registration_flag, summary
 from .networks import complexity
@@ -137,6 +138,7 @@ def profile_one(model_path: str, engine: str, grid, threads: int, repeats: int, 
                 native: dict | None = None) -> dict:
     """One configuration's stage times (medians), peak memory and FLOPs; run it isolated.
     ``native`` ({shape, spacing_mm}): inputs of that shape and spacing instead of the grid's."""
+    keep_freed_memory()  # as register does
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     precision, channels_last = engine_spec(engine)
