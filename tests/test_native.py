@@ -8,7 +8,7 @@ import pytest
 from conftest import blob_volume
 from ldreg.preprocessing import Preprocessing
 from ldreg.io import InputError, field_to_itk_array, itk_array_to_field
-from ldreg.methods import Method, parse_method
+from ldreg.methods import Method, parse_method, refined_method
 from ldreg.modelfile import save_model
 from ldreg.native import NativeOutput, evaluate_native, native_accuracy_table, native_runner, pareto_front
 from ldreg.networks import CascadeSpec, build_network
@@ -20,6 +20,11 @@ def test_method_names_parse_into_values():
     assert parse_method("affine") == Method("affine", "affine", model="teacher")
     assert parse_method("student_aldk_long+refine20") == Method("student_aldk_long+refine20", "refine",
                                                                 model="student_aldk_long", steps=20)
+    # a setting with its own levels: named by them, and the name read back into them
+    assert refined_method("student_aldk_long", 12, [4, 3]) == "student_aldk_long+refine12_4-3mm"
+    assert parse_method("s+refine30_4-2-1.5mm") == Method("s+refine30_4-2-1.5mm", "refine", model="s", steps=30,
+                                                           spacings=(4.0, 2.0, 1.5))
+    assert parse_method("s+refine30").spacings is None
     assert parse_method("optimise10").steps == 10 and parse_method("optimise10").optimises
     assert parse_method("peer_greedy_fast") == Method("peer_greedy_fast", "greedy", setting="fast")
     assert parse_method("peer_ants_syn").peer and not parse_method("teacher").peer
@@ -118,15 +123,17 @@ def test_network_path_at_native_resolution_maps_the_field_to_the_fixed_grid(tmp_
     path = tmp_path / "student.pt"
     model = build_network(CascadeSpec(kind="student", width=4, depth=3, affine=True, affine_width=4))
     save_model(path, model, Preprocessing(spacing_mm=3.0, grid=(24, 24, 24)), {"config": {"steps": 0}}, "student")
-    for name in ("student", "affine", "student+refine3"):
+    for name in ("student", "affine", "student+refine3", "student+refine3_3mm"):
         per_pair, _ = evaluate_native(name, native_runner(parse_method(name), path, {"lr": 1.0}), shifted_pair,
                                       show_progress=False)
         row = per_pair.iloc[0]
         assert row["shape"] == "40x40x40" and row.spacing_mm == 1.5
         assert row.seconds > 0 and {"preprocess_s", "network_s", "warp_s", "write_s"} <= set(per_pair.columns)
         assert 0 < row.dice <= 1
-    # each refinement level's own stage time (register's default spacings, coarse to fine)
-    assert [c for c in per_pair if c.startswith("refine_")] == ["refine_4mm_s", "refine_2mm_s"]
+        # each refinement level's own stage time (register's default spacings, else the method's own)
+        assert [c for c in per_pair if c.startswith("refine_")] == {
+            "student+refine3": ["refine_4mm_s", "refine_3mm_s", "refine_2mm_s"], "student+refine3_3mm": ["refine_3mm_s"]
+        }.get(name, [])
     with pytest.raises(ValueError, match="no native-resolution path"):
         native_runner(parse_method("optimise10"))
 

@@ -21,10 +21,12 @@ def _registrar(args):
     """The model loaded as ``register`` and ``register-batch`` run it; (registrar, precision)."""
     import torch
 
+    from .allocator import keep_freed_memory
     from .engines import default_precision, precision_native, skip_reason
     from .optimise import refine_schedule
     from .register import Registrar
 
+    keep_freed_memory()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for but CUDA is not available")
     if args.threads:
@@ -134,8 +136,8 @@ def _model_args(p) -> None:
                         "NCC, smoothed steps): K iterations at the coarsest --refine-spacings level, half as many at "
                         "each finer one (default: %(default)s); 0: the network alone")
     p.add_argument("--refine-spacings", type=_spacings, default=REFINE_SPACINGS, metavar="MM,MM",
-                   help="the refinement's levels in mm, coarse to fine (default: 4,2); the last is the finest "
-                        "spacing it reaches")
+                   help="the refinement's levels in mm, coarse to fine (default: "
+                        f"{','.join(f'{s:g}' for s in REFINE_SPACINGS)}); the last is the finest spacing it reaches")
 
 
 def _register_args(p) -> None:

@@ -50,6 +50,9 @@ def refined_predictor(method: Method, model_path, options: dict, device: str = "
     iterations of register's refinement on the model's grid (the images the table scores;
     :func:`ldreg.optimise.refine_on_grid`)."""
     steps = method.steps
+    if method.spacings:
+        raise ValueError(f"{method.name}: refinement levels in mm exist at the scan's own resolution only "
+                         "(native_evaluation), not on the model's grid")
     if method.kind == "optimise":
         opts = refine_options(options)
         return lambda m, f: optimise_field(m, f, None, steps, **opts)[0]

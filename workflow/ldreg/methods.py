@@ -5,7 +5,9 @@ it at parse time and every job reads names the same way.
 Names: ``identity`` (no registration), ``affine`` (the teacher's affine stage alone), a model
 name (``teacher``, ``student_<variant>``, ``peer_voxelmorph``), ``optimise<K>`` (K steps of
 per-pair optimisation from a zero field), ``<model>+refine<K>`` (the model's field refined by K
-steps, as ``register --refine-steps K``), ``peer_ants_syn`` and ``peer_greedy_<setting>``.
+steps, as ``register --refine-steps K``), ``<model>+refine<K>_<mm>-<mm>mm`` (the same with
+``--refine-spacings <mm>,<mm>``; at the scan's own resolution only), ``peer_ants_syn`` and
+``peer_greedy_<setting>``.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ class Method:
     kind: str
     model: str | None = None  # the model file it needs (None: none)
     steps: int = 0  # per-pair optimisation steps (optimise, refine)
+    spacings: tuple[float, ...] | None = None  # refine: its levels in mm (None: the run's, else register's default)
     setting: str | None = None  # a Greedy setting's name
 
     @property
@@ -47,8 +50,9 @@ def parse_method(name: str) -> Method:
         return Method(name, "greedy", setting=name[len(GREEDY_PREFIX):])
     if match := re.fullmatch(r"optimise(\d+)", name):
         return Method(name, "optimise", steps=int(match[1]))
-    if match := re.fullmatch(r"(.+)\+refine(\d+)", name):
-        return Method(name, "refine", model=match[1], steps=int(match[2]))
+    if match := re.fullmatch(r"(.+)\+refine(\d+)(?:_(\d+(?:\.\d+)?(?:-\d+(?:\.\d+)?)*)mm)?", name):
+        spacings = tuple(float(s) for s in match[3].split("-")) if match[3] else None
+        return Method(name, "refine", model=match[1], steps=int(match[2]), spacings=spacings)
     if not re.fullmatch(r"[A-Za-z0-9_]+", name):
         raise ValueError(f"not a method name: {name!r}")
     return Method(name, "model", model=name)
@@ -58,5 +62,7 @@ def greedy_method(setting: str) -> str:
     return f"{GREEDY_PREFIX}{setting}"
 
 
-def refined_method(model: str, steps: int) -> str:
-    return f"{model}+refine{steps}"
+def refined_method(model: str, steps: int, spacings=None) -> str:
+    """``spacings`` (mm, coarse to fine): the refinement's own levels, named in the method."""
+    levels = f"_{'-'.join(f'{float(s):g}' for s in spacings)}mm" if spacings else ""
+    return f"{model}+refine{steps}{levels}"

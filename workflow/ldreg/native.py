@@ -55,7 +55,7 @@ def _identity(moving, fixed, moving_labels, out_dir) -> NativeOutput:
 def _network_runner(method: Method, model_path, refine: dict, device: str):
     from .register import Registrar, write_outputs
 
-    spacings = refine.get("spacings") or REFINE_SPACINGS
+    spacings = method.spacings or refine.get("spacings") or REFINE_SPACINGS
     levels = refine_schedule(method.steps, spacings) if method.kind == "refine" else ()
     registrar = Registrar(model_path, device, refine_levels=levels, upto=0 if method.kind == "affine" else None)
 

@@ -180,16 +180,24 @@ def gaussian_smooth(volume: torch.Tensor, sigma: float) -> torch.Tensor:
     return separable_filter(volume, tuple(t / sum(taps) for t in taps), renormalise=True)
 
 
-def ncc_gradient(fixed: torch.Tensor, warped: torch.Tensor, radius: int, eps: float = 1e-5):
+def fixed_window_stats(fixed: torch.Tensor, radius: int, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed image's local means and variances (+ ``eps``) over the windows of
+    :func:`ncc_gradient`: the same at every iteration of a level, so computed once."""
+    mean_i, mean_ii = box_mean(torch.cat([fixed, fixed * fixed], 1), radius)[0]
+    return mean_i, (mean_ii - mean_i * mean_i).clamp_min(0) + eps
+
+
+def ncc_gradient(fixed: torch.Tensor, warped: torch.Tensor, radius: int, eps: float = 1e-5,
+                 fixed_stats: tuple[torch.Tensor, torch.Tensor] | None = None):
     """The derivative of the mean local squared NCC (window (2 radius + 1)^3) with respect to
     each voxel of ``warped`` (1, 1, D, H, W), exact over the overlapping windows: for a window
     with covariance A and variances B (fixed), C (warped), d(A^2 / BC)/dJ(y) = alpha (I(y) - mean I)
     - beta (J(y) - mean J) with alpha = 2A / BC, beta = 2A^2 / BC^2, summed over the windows that
-    hold y (three more box filters). Returns (gradient (D, H, W), mean NCC^2)."""
-    stats = box_mean(torch.cat([fixed, warped, fixed * fixed, warped * warped, fixed * warped], 1), radius)[0]
-    mean_i, mean_j, mean_ii, mean_jj, mean_ij = stats
+    hold y (three more box filters). ``fixed_stats``: :func:`fixed_window_stats` of ``fixed``
+    (the same ``radius`` and ``eps``), if already at hand. Returns (gradient (D, H, W), mean NCC^2)."""
+    mean_i, var_i = fixed_stats if fixed_stats is not None else fixed_window_stats(fixed, radius, eps)
+    mean_j, mean_jj, mean_ij = box_mean(torch.cat([warped, warped * warped, fixed * warped], 1), radius)[0]
     cov = mean_ij - mean_i * mean_j
-    var_i = (mean_ii - mean_i * mean_i).clamp_min(0) + eps
     var_j = (mean_jj - mean_j * mean_j).clamp_min(0) + eps
     alpha = 2 * cov / (var_i * var_j)
     beta = alpha * cov / var_j
@@ -216,6 +224,7 @@ def ncc_descent(moving: torch.Tensor, fixed: torch.Tensor, base: torch.Tensor, r
     with the whole map as Greedy does (``map <- map o (id + step)``; the network's part is then
     resampled and smoothed with it too)."""
     record = {}
+    fixed_stats = fixed_window_stats(fixed, radius)
     if compose:  # the whole map as a displacement on this grid, the network's part included
         grid = identity_grid(base.shape[1:], dtype=base.dtype)
         start = base - grid
@@ -227,7 +236,7 @@ def ncc_descent(moving: torch.Tensor, fixed: torch.Tensor, base: torch.Tensor, r
         # the moving image's gradient where it is sampled, or (one channel given) the warped
         # image's own: the derivative a composed step needs, for a quarter of the sampling
         moving_gradient = sampled[0, 1:] if moving.shape[1] > 1 else spatial_gradient(warped)[0]
-        d_warped, ncc = ncc_gradient(fixed, warped, radius)
+        d_warped, ncc = ncc_gradient(fixed, warped, radius, fixed_stats=fixed_stats)
         if i == 0:
             record["ncc_start"] = ncc
         update = gaussian_smooth((d_warped * moving_gradient)[None], sigma_update)[0]

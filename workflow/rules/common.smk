@@ -71,6 +71,9 @@ GREEDY = [greedy_method(s) for s in PEERS["greedy"]["settings"]] if PEERS["greed
 # per-pair optimisation (ldreg.optimise) alone, and started from a model's field
 REFINE = config["evaluation"]["refine"]
 REFINED_FROM_MODELS = [refined_method(m, k) for m in REFINE["models"] for k in REFINE["steps"]]
+# settings with their own levels: at the scan's own resolution only (the model's grid has one spacing)
+REFINED_WITH_SPACINGS = [refined_method(m, s["steps"], s["spacings"]) for m in REFINE["models"]
+                         for s in REFINE.get("with_spacings") or []]
 REFINED = [f"optimise{k}" for k in REFINE["optimise_steps"]] + REFINED_FROM_MODELS
 NATIVE = config["native_evaluation"]
 
@@ -86,7 +89,8 @@ def method_sets(variants):
         "timed": models + ANTS_METHODS,
         "methods": ["identity", "affine", *models, *ANTS_METHODS, *GREEDY, *REFINED],
         "native_models": native_models,
-        "native_methods": ["identity", "affine", *native_models, *ANTS_METHODS, *GREEDY, *REFINED_FROM_MODELS],
+        "native_methods": ["identity", "affine", *native_models, *ANTS_METHODS, *GREEDY, *REFINED_FROM_MODELS,
+                           *REFINED_WITH_SPACINGS],
     }
 
 
