@@ -151,9 +151,10 @@ def test_every_table_and_figure_exists_with_sane_values(tiny_run):
 def test_native_resolution_and_real_anatomy_tables_score_every_method(tiny_run):
     """Every method at the scan's own resolution through register's path, on the cohort's test
     pairs and on the real anatomy (Colin27 + AAL, resampled to 4 mm in the tiny config)."""
-    # Greedy: the tiny config's fast setting and config.yaml's accurate one (configs merge key by key)
+    # Greedy: the tiny config's fast setting and config.yaml's accurate one (configs merge key by key);
+    # config.yaml's setting with levels of its own, named by them, refines the tiny config's model
     expected = {"identity", "affine", "student_aldk", "peer_ants_syn", "peer_greedy_fast", "peer_greedy_accurate",
-                "student_aldk+refine5"}
+                "student_aldk+refine5", "student_aldk+refine12_4-3mm"}
     for stem in ("accuracy_native", "accuracy_real"):
         table = pd.read_csv(tiny_run / "tables" / f"{stem}.csv").set_index("method")
         assert (tiny_run / "tables" / f"{stem}.md").exists()
@@ -169,6 +170,8 @@ def test_native_resolution_and_real_anatomy_tables_score_every_method(tiny_run):
         # the refinement's stage is timed, and the Greedy peer registers (beats no registration)
         levels = [c for c in scored.columns if c.startswith("refine_")]
         assert levels and (scored.loc["student_aldk+refine5", levels] > 0).all()
+        own = scored.loc["student_aldk+refine12_4-3mm"]
+        assert own.refine_4mm_s > 0 and own.refine_3mm_s > 0 and np.isnan(own.refine_2mm_s)
         assert scored.loc["peer_greedy_fast", "dice_gain"] > 0.02, stem
     real = pd.read_csv(tiny_run / "tables" / "accuracy_real.csv").set_index("method")
     # Colin27 at 4 mm, cropped to the brain; 2 moved copies; AAL's labels
