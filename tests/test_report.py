@@ -91,3 +91,21 @@ def test_each_taught_student_is_tested_against_the_unsupervised_student_of_its_o
     table = ablation_table(accuracy, headline, evals).set_index("variant")
     assert table.loc["aldk_long", "against"] == "unsupervised_long" and table.loc["aldk_long", "pairs"] == 12
     assert pd.isna(table.loc["unsupervised_long", "against"])
+
+
+def test_durations_block_shows_each_asked_for_target_by_its_latest_whole_run():
+    from ldreg.docs import durations_block
+
+    cpu = "AMD EPYC [avx2]"
+    runs = pd.DataFrame([
+        ("2026-12-01 10:00", "all", 57, 2, cpu, 25.0, 27.5),
+        ("2026-12-01 11:00", "ablation", 30, 2, cpu, 12.0, 11.7),
+        ("2026-12-02 09:00", "all", 3, 2, cpu, 1.0, 0.5),  # a partial rerun of all: fewer jobs
+        ("2026-12-02 10:00", "all speed_profile", 35, 2, cpu, 10.0, 11.3),  # --forcerun speed_profile
+        ("2026-12-02 11:00", "evaluate_native", 2, 2, cpu, 0.6, 0.7),  # one file asked for
+        ("2026-12-03 10:00", "all", 59, 2, cpu, 25.0, 29.3),
+    ], columns=["started", "targets", "jobs", "cores", "cpu", "estimate_min", "took_min"])
+    rows = durations_block(runs).splitlines()[2:]
+    assert len(rows) == 2
+    assert rows[0].startswith("| `ablation` | 30 |") and "11.7 min" in rows[0]
+    assert rows[1].startswith("| `all` | 59 |") and "29.3 min" in rows[1] and "2026-12-03 10:00" in rows[1]
