@@ -66,6 +66,12 @@ def test_cached_teacher_fields_can_be_refined(tmp_path):
     assert (report.similarity_end < report.similarity_start).all()
     raw, refined = FlowCache(tmp_path / "raw.pt"), FlowCache(tmp_path / "refined.pt")
     assert refined.get("m__f", (24, 24, 24)).abs().max() > raw.get("m__f", (24, 24, 24)).abs().max() + 0.5
+    # register's own refinement (Greedy's scheme) as the refiner: the local NCC falls too
+    greedy = cache_teacher_flows(teacher, pairs, images, tmp_path / "greedy.pt", refine={"steps": 10, "method": "greedy"})
+    assert (greedy.similarity_end < greedy.similarity_start - 0.05).all()
+    assert FlowCache(tmp_path / "greedy.pt").get("m__f", (24, 24, 24)).abs().max() > 0.5
+    with pytest.raises(ValueError, match="method"):
+        cache_teacher_flows(teacher, pairs, images, tmp_path / "x.pt", refine={"steps": 2, "method": "greedy", "lr": 1})
 
 
 def test_refinement_works_on_inputs_made_under_inference_mode():

@@ -17,12 +17,13 @@ import pandas as pd
 import torch
 
 from .io import InputError, atomic_path, write_csv
-from .losses import (ADVERSARIAL_TARGETS, CRITIC_CONDITIONS, CRITIC_INPUTS, adversarial_loss, affine_losses, critic_loss, distillation_loss, foreground_region, similarity_loss,
-                     smoothness_loss)
+from .losses import (ADVERSARIAL_TARGETS, CRITIC_CONDITIONS, CRITIC_INPUTS, adversarial_loss, affine_losses, critic_loss, distillation_loss, foreground_region, local_ncc_loss,
+                     similarity_loss, smoothness_loss)
 from .guard import DivergenceGuard, TrainingDiverged
 from .networks import CascadedRegistration, Critic
-from .optimise import optimise_field
+from .optimise import optimise_field, refine_on_grid
 from .progress import progress
+from .warp import warp_image
 
 log = logging.getLogger(__name__)
 
@@ -171,24 +172,35 @@ class FlowCache:
 def cache_teacher_flows(teacher: CascadedRegistration, pairs: pd.DataFrame, images: dict, path, device="cpu",
                         refine: dict | None = None) -> pd.DataFrame:
     """Compute the teacher's composed field for every pair once and store it as float16.
-    ``refine`` (options of :func:`ldreg.optimise.optimise_field`, with ``steps`` > 0) refines
-    each field on its pair first. Returns per-pair similarity before and after refinement."""
+    ``refine`` (``steps`` > 0) refines each field on its pair first: ``method`` ``adam`` (the
+    default; the rest of ``refine`` are :func:`ldreg.optimise.optimise_field`'s options) or
+    ``greedy`` (``register``'s refinement on the model's grid, :func:`ldreg.optimise.refine_on_grid`;
+    similarity: local NCC). Returns per-pair similarity before and after refinement."""
     teacher = teacher.to(device).eval()
     flows, rows = [], []
     refine = {k: v for k, v in (refine or {}).items()}
     steps = refine.pop("steps", 0)
+    method = refine.pop("method", "adam")
+    if method not in ("adam", "greedy") or (method == "greedy" and refine):
+        raise ValueError(f"teacher_cache.refine: method 'adam' (with optimise_field's options) or 'greedy' "
+                         f"(steps only), got {method!r} with {sorted(refine)}")
     for row in progress(list(pairs.itertuples()), desc="teacher fields", logger=__name__):
         moving, fixed = images[row.moving].to(device), images[row.fixed].to(device)
         with torch.inference_mode():
             flow = teacher(moving, fixed, warp=False)["flow"]
         record = {}
-        if steps:
+        if steps and method == "greedy":
+            with torch.inference_mode():
+                start = float(local_ncc_loss(warp_image(moving, flow), fixed))
+                flow = refine_on_grid(moving, fixed, flow, steps)
+                record = {"similarity_start": start, "similarity_end": float(local_ncc_loss(warp_image(moving, flow), fixed))}
+        elif steps:
             flow, record = optimise_field(moving, fixed, flow.clone(), steps, **refine)
         rows.append({"pair_id": row.pair_id, **record})
         flows.append(flow[0].to("cpu", torch.float16))
     grid = tuple(next(iter(images.values())).shape[2:])
     payload = {"format": "ldreg-flow-cache", "pair_ids": list(pairs.pair_id), "grid": list(grid),
-               "refine": {"steps": steps, **refine},
+               "refine": {"steps": steps, "method": method, **refine},
                "flows": torch.stack(flows) if flows else torch.zeros(0, 3, *grid, dtype=torch.float16)}
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
