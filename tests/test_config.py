@@ -70,3 +70,21 @@ def test_a_cross_key_problem_is_named(change, problem):
     change(config)
     found = config_problems(config, _trained(config))
     assert any(re.search(problem, p) for p in found), found
+
+
+def _merged(base: dict, overlay: dict) -> dict:
+    """``--configfile config.yaml OVERLAY``: Snakemake's merge, key by key into nested mappings."""
+    out = copy.deepcopy(base)
+    for key, value in overlay.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+@pytest.mark.parametrize("overlay", sorted((ROOT / "config" / "experiments").glob("*.yaml")), ids=lambda p: p.stem)
+def test_experiment_overlays_are_valid_runs(overlay):
+    """Each overlay under config/experiments, over config.yaml as its comment runs it, is a config
+    the schema and the cross-key checks accept (a misspelt key fails here, not an hour in)."""
+    config = _merged(CONFIG, yaml.safe_load(overlay.read_text()))
+    jsonschema.validate(config, SCHEMA)
+    variants = [v for v, spec in config["students"]["variants"].items() if spec is not None]
+    assert config_problems(config, ["teacher", *[f"student_{v}" for v in variants]]) == []

@@ -199,3 +199,43 @@ def test_atomic_outputs_get_ordinary_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "x.csv").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_label_appearance_paints_each_structure_around_its_template_intensity():
+    from ldreg.data import synthesis_classes, synthesise_from_labels
+    rng = np.random.default_rng(0)
+    labels = np.zeros((20, 20, 20), np.int32)
+    labels[2:10, 2:18, 2:18], labels[10:18, 2:18, 2:18] = 1, 2
+    template = np.where(labels == 1, 0.8, np.where(labels == 2, 0.3, 0.0)).astype(np.float32)
+    template[10:18, 2:6, 2:18] = 0.5  # part of the brain no label covers
+    labels[10:18, 2:6, 2:18] = 0
+    classes, medians = synthesis_classes(template, labels)
+    assert set(medians) >= {1, 2} and len(medians) > 2  # the unlabelled brain became classes of its own
+    assert (classes[template == 0] == 0).all() and (classes[template > 0] > 0).all()
+    flat = SyntheticConfig(spacing_mm=3.0, label_contrast=0.0, label_blur_mm=0.0)
+    painted = synthesise_from_labels(classes, medians, flat, rng)
+    for k, median in medians.items():  # no contrast change: each class at its median, +- its texture
+        assert abs(painted[classes == k].mean() - median) < 0.01
+        assert painted[classes == k].std() <= 0.05 * 1.1
+    assert (painted[classes == 0] == 0).all()
+    varied = SyntheticConfig(spacing_mm=3.0, label_contrast=0.5, label_blur_mm=0.0)
+    means = [[synthesise_from_labels(classes, medians, varied, rng)[labels == k].mean() for k in (1, 2)] for _ in range(2)]
+    assert np.abs(np.subtract(*means)).max() > 0.02  # two subjects, two contrasts
+    blurred = synthesise_from_labels(classes, medians, SyntheticConfig(spacing_mm=3.0, label_contrast=0.0,
+                                                                      label_blur_mm=6.0), np.random.default_rng(1))
+    edge = (slice(8, 12), slice(8, 12), slice(8, 12))  # across the 1|2 boundary the blur smooths the step
+    assert np.abs(np.diff(blurred[edge], axis=0)).max() < np.abs(np.diff(painted[edge], axis=0)).max()
+
+
+def test_label_appearance_cohort_is_seeded_keeps_the_labels_and_changes_the_image(cohort, tmp_path):
+    _, raw, _, _ = cohort
+    one = {k: v for k, v in SMALL.items() if k != "subjects"}
+    painted = make_synthetic_cohort(tmp_path / "a", SyntheticConfig(seed=3, subjects=1, appearance="labels", **one))
+    again = make_synthetic_cohort(tmp_path / "b", SyntheticConfig(seed=3, subjects=1, appearance="labels", **one))
+    image = lambda path: np.asarray(nib.load(path).dataobj)
+    np.testing.assert_array_equal(image(painted.image[0]), image(again.image[0]))
+    # the same deformation draws: the labels are the template cohort's, the image is not
+    np.testing.assert_array_equal(image(painted.labels[0]), image(raw.labels[0]))
+    assert np.abs(image(painted.image[0]) - image(raw.image[0])).mean() > 0.01
+    with pytest.raises(InputError, match="appearance"):
+        make_synthetic_cohort(tmp_path / "c", SyntheticConfig(seed=3, subjects=1, appearance="painted", **one))

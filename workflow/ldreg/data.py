@@ -59,6 +59,12 @@ class SyntheticConfig:
     bias_strength: float = 0.2
     gamma_range: tuple = (0.8, 1.25)
     noise_std: float = 0.02
+    # "template": each subject is the template's own image, deformed; "labels": each subject's
+    # image is synthesised from the template's label map (SynthMorph's idea, kept T1-like so that
+    # the image similarity still compares two subjects): see synthesise_from_labels
+    appearance: str = "template"
+    label_contrast: float = 0.3
+    label_blur_mm: float = 2.0
 
 
 def _random_velocity(shape, cfg: SyntheticConfig, rng) -> np.ndarray:
@@ -126,13 +132,51 @@ def intensity_changes(image: np.ndarray, cfg: SyntheticConfig, rng) -> np.ndarra
     return image + cfg.noise_std * rng.standard_normal(image.shape) * (image > 0.01)
 
 
+# the template's foreground the label map leaves unlabelled (sulcal CSF, the cortex's rim: a
+# quarter of the embedded brain) is split into this many classes by its intensity, each then
+# synthesised as a structure of its own
+UNLABELLED_CLASSES = 3
+
+
+def synthesis_classes(atlas: np.ndarray, atlas_labels: np.ndarray) -> tuple[np.ndarray, dict]:
+    """The map the label appearance paints (the atlas labels, the unlabelled foreground split by
+    intensity into UNLABELLED_CLASSES classes, 0 outside the brain) and each class's median
+    template intensity: the T1 contrast the synthesis varies around."""
+    classes = atlas_labels.astype(np.int32).copy()
+    unlabelled = (classes == 0) & (atlas > 0.01)
+    if unlabelled.any():
+        edges = np.quantile(atlas[unlabelled], np.linspace(0, 1, UNLABELLED_CLASSES + 1)[1:-1])
+        first = int(classes.max()) + 1
+        classes[unlabelled] = first + np.searchsorted(edges, atlas[unlabelled])
+    medians = {int(k): float(np.median(atlas[classes == k])) for k in np.unique(classes) if k != 0}
+    return classes, medians
+
+
+def synthesise_from_labels(classes: np.ndarray, medians: dict, cfg: SyntheticConfig, rng) -> np.ndarray:
+    """An image painted from a label map: each class's intensity is its template median times
+    ``1 + U(-label_contrast, label_contrast)``, with a texture of its own (Gaussian, a random
+    fraction up to 5 % of the image's range), the whole blurred by a Gaussian of random width up to
+    ``label_blur_mm``. Bias, gamma and noise follow as for the template appearance."""
+    keys = np.array(sorted(medians))
+    means = np.array([medians[k] for k in keys]) * (1 + rng.uniform(-cfg.label_contrast, cfg.label_contrast, keys.size))
+    spreads = rng.uniform(0, 0.05, keys.size)
+    lookup_mean, lookup_spread = np.zeros(keys.max() + 1), np.zeros(keys.max() + 1)
+    lookup_mean[keys], lookup_spread[keys] = means, spreads
+    image = lookup_mean[classes] + lookup_spread[classes] * rng.standard_normal(classes.shape)
+    sigma = rng.uniform(0, cfg.label_blur_mm) / (cfg.spacing_mm / 2)  # the subject's grid: half spacing_mm
+    image = ndimage.gaussian_filter(image, sigma) if sigma > 0 else image
+    return np.clip(image, 0, 1).astype(np.float32)
+
+
 def _make_subject(args) -> dict:
     """One synthetic subject; its random draws depend only on (seed, index), so the cohort is
     the same whatever the number of worker processes."""
-    index, cfg, atlas, atlas_labels, shape, affine, fine_shape, fine_affine, out_dir = args
+    index, cfg, atlas, atlas_labels, classes, shape, affine, fine_shape, fine_affine, out_dir = args
     rng = np.random.default_rng([cfg.seed, index])
     sid = f"sub-{index + 1:03d}"
     forward, inverse = random_deformation(shape, cfg, rng)
+    if cfg.appearance == "labels":
+        atlas = synthesise_from_labels(*classes, cfg, rng)
     image, labels = deform_volume(atlas, atlas_labels, forward, fine_shape, 2)
     image = intensity_changes(image, cfg, rng)
     paths = {k: Path(out_dir) / f"{sid}_{k}.nii.gz" for k in ("image", "labels", "true_forward", "true_inverse")}
@@ -148,7 +192,9 @@ def _make_subject(args) -> dict:
 def make_synthetic_cohort(out_dir, cfg: SyntheticConfig, threads: int = 1) -> pd.DataFrame:
     """Deform the embedded atlas into ``cfg.subjects`` subjects: each is the atlas sampled at
     ``phi(x) = A(exp(v)(x))`` (random small affine A after a random stationary velocity field
-    integrated by scaling and squaring), with a bias field, gamma and noise. Images and labels
+    integrated by scaling and squaring), with a bias field, gamma and noise; with
+    ``appearance="labels"`` the image deformed is painted from the label map per subject
+    (synthesise_from_labels) instead of the template's own. Images and labels
     are written at half ``spacing_mm`` (so that preprocessing, not generation, sets the
     resolution loss), the smooth true forward / inverse maps at ``spacing_mm`` as world-space
     displacements in mm; a manifest ``subjects.csv`` lists them and is returned."""
@@ -167,7 +213,10 @@ def make_synthetic_cohort(out_dir, cfg: SyntheticConfig, threads: int = 1) -> pd
     atlas_labels = resample_to_grid(np.asarray(labels_img.dataobj).astype(np.int32), labels_img.affine, fine_shape,
                                     fine_affine, 0)
     atlas = np.clip(atlas / np.percentile(atlas[atlas > 0], 99.5), 0, 1)
-    jobs = [(index, cfg, atlas, atlas_labels, shape, affine, fine_shape, fine_affine, str(out_dir))
+    if cfg.appearance not in ("template", "labels"):
+        raise InputError(f"data.synthetic.appearance: {cfg.appearance!r} is neither 'template' nor 'labels'")
+    classes = synthesis_classes(atlas, atlas_labels) if cfg.appearance == "labels" else None
+    jobs = [(index, cfg, atlas, atlas_labels, classes, shape, affine, fine_shape, fine_affine, str(out_dir))
             for index in range(cfg.subjects)]
     if threads > 1:
         with ProcessPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) as pool:
