@@ -104,8 +104,10 @@ def test_durations_block_shows_each_asked_for_target_by_its_latest_whole_run():
         ("2026-12-02 10:00", "all speed_profile", 35, 2, cpu, 10.0, 11.3),  # --forcerun speed_profile
         ("2026-12-02 11:00", "evaluate_native", 2, 2, cpu, 0.6, 0.7),  # one file asked for
         ("2026-12-03 10:00", "all", 59, 2, cpu, 25.0, 29.3),
+        ("2026-12-04 10:00", "all", 59, 2, "Intel Xeon [avx2, avx512]", 29.9, 27.9),  # another CPU: a row of its own
     ], columns=["started", "targets", "jobs", "cores", "cpu", "estimate_min", "took_min"])
     rows = durations_block(runs).splitlines()[2:]
-    assert len(rows) == 2
+    assert len(rows) == 3
     assert rows[0].startswith("| `ablation` | 30 |") and "11.7 min" in rows[0]
     assert rows[1].startswith("| `all` | 59 |") and "29.3 min" in rows[1] and "2026-12-03 10:00" in rows[1]
+    assert "Intel Xeon" in rows[2] and "27.9 min" in rows[2]

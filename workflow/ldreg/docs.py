@@ -147,12 +147,13 @@ def startup_block(machine: pd.DataFrame) -> str | None:
 
 def durations_block(runs: pd.DataFrame, targets=("all", "ablation")) -> str:
     """The recorded runs (results/logs/run_durations.csv): for each of the ``targets`` a user
-    asks for alone, the latest run of its whole DAG (the most jobs that target has run). A
-    rerun of a few jobs (``--forcerun``, whose rules Snakemake counts as targets too, or one
-    file) is in the record and says nothing of how long a target takes."""
+    asks for alone and each CPU it ran on, the latest run of its whole DAG (the most jobs that
+    target has run there). A rerun of a few jobs (``--forcerun``, whose rules Snakemake counts as
+    targets too, or one file) is in the record and says nothing of how long a target takes."""
     runs = runs[runs.targets.astype(str).isin(targets)]
-    whole = runs[runs.jobs == runs.groupby("targets").jobs.transform("max")]
-    latest = whole.groupby("targets", sort=False).tail(1)
+    where = [runs.targets, runs.cpu]
+    whole = runs[runs.jobs == runs.groupby(where).jobs.transform("max")]
+    latest = whole.groupby([whole.targets, whole.cpu], sort=False).tail(1)
     lines = ["| target | jobs run | cores, CPU | estimate at start | took | started (UTC) |", "|:--|--:|:--|--:|--:|:--|"]
     for r in latest.itertuples():
         lines.append(f"| `{r.targets}` | {r.jobs} | {r.cores}, {r.cpu} | {r.estimate_min:.0f} min | "
