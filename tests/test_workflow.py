@@ -291,6 +291,18 @@ def test_a_raw_target_variant_adds_only_its_cache_and_student(tiny_run, tmp_path
     assert "variant=distill\n" not in out and "variant=aldk" not in out
 
 
+def test_a_changed_cohort_setting_makes_the_cohort_again(tiny_run, tmp_path):
+    """The synthetic cohort lies in resources/, outside the results: a changed data.synthetic key
+    (here the label appearance) must make it again and everything trained on it, not reuse it."""
+    work = tiny_run.parent
+    extra = tmp_path / "painted.yaml"
+    extra.write_text("data: {synthetic: {appearance: labels}}\n")
+    proc = _run(["all", "-n", "--cores", "2", "--configfile", str(TINY), str(extra), "--config",
+                 f"results_dir={work}/results", f"resources_dir={work}/resources"], cwd=work)
+    out = proc.stdout + proc.stderr
+    assert "rule make_synthetic_cohort:" in out and "rule train_teacher:" in out
+
+
 def test_the_ablation_target_adds_the_other_variants_and_tests_each_against_its_twin(tiny_run):
     work = tiny_run.parent
     args = ["ablation", "--cores", "2", "--configfile", str(TINY), "--config", f"results_dir={work}/results",

@@ -1,6 +1,10 @@
 rule make_synthetic_cohort:
     output:
         manifest=f"{RESOURCES}/synthetic/subjects.csv",
+    params:
+        # the cohort's settings: a change makes it again (Snakemake's params trigger); a second
+        # cohort kept beside the default one needs a resources_dir of its own
+        settings={"seed": config["seed"], **config["data"]["synthetic"]},
     log:
         f"{RESULTS}/logs/make_synthetic_cohort.log",
     benchmark:
