@@ -9,7 +9,8 @@ rule make_real_anatomy:
         pairs=f"{RESOURCES}/real_anatomy/pairs.csv",
     params:
         out_dir=lambda wildcards, output: os.path.dirname(output.pairs),
-        settings=config["real_anatomy"],
+        # its settings and the run's seed (the moved copies' draws): a change makes them again
+        settings={"seed": config["seed"], **config["real_anatomy"]},
     log:
         f"{RESULTS}/logs/make_real_anatomy.log",
     benchmark:
