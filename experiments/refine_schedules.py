@@ -14,11 +14,11 @@ import sys
 
 import pandas as pd
 import torch
-import yaml
 
 from ldreg.allocator import keep_freed_memory
 from ldreg.methods import greedy_method, parse_method, refined_method
 from ldreg.native import evaluate_native, native_runner
+from ldreg.settings import RunSettings, load_config
 
 
 def main() -> None:
@@ -33,18 +33,18 @@ def main() -> None:
     keep_freed_memory()
     torch.set_num_threads(args.threads)
     pairs = pd.read_csv(args.pairs)
-    greedy = yaml.safe_load(open("config.yaml"))["peers"]["greedy"]["settings"]
-    runs = [(greedy_method(g), {}) for g in args.greedy]
+    greedy = RunSettings.from_config(load_config()).greedy
+    runs = [(greedy_method(g), None) for g in args.greedy]
     for setting in args.settings:
         steps, spacings = setting.split(":")
-        runs.append((refined_method("model", int(steps)), {"spacings": [float(s) for s in spacings.split(",")]}))
+        runs.append((refined_method("model", int(steps)), tuple(float(s) for s in spacings.split(","))))
     rows = []
-    for name, refine in runs:
+    for name, spacings in runs:
         method = parse_method(name)
-        run = native_runner(method, args.model, refine=refine, greedy_settings=greedy, threads=args.threads)
+        run = native_runner(method, args.model, spacings=spacings, greedy_settings=greedy, threads=args.threads)
         per_pair, _ = evaluate_native(name, run, pairs, with_hd95=False, show_progress=False)
         stages = [c for c in per_pair.columns if c.endswith("_s")]
-        label = name if not refine else f"{method.steps}:{','.join(f'{s:g}' for s in refine['spacings'])}"
+        label = name if not spacings else f"{method.steps}:{','.join(f'{s:g}' for s in spacings)}"
         row = {"setting": label, "dice": per_pair.dice.mean(), "seconds": per_pair.seconds.median(),
                **{c: per_pair[c].median() for c in stages}, "folding_percent": 100 * per_pair.folding_fraction.max()}
         # stderr: Greedy prints its iterations on stdout

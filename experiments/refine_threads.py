@@ -10,20 +10,21 @@ import sys
 
 import pandas as pd
 import torch
-import yaml
 
 from ldreg.evaluate import evaluate_pairs, refined_predictor
+from ldreg.methods import parse_method
+from ldreg.settings import RunSettings, load_config
 
 
 def main(threads: int = 2, results: str = "results") -> None:
     torch.set_num_threads(threads)
-    cfg = yaml.safe_load(open("config.yaml"))
+    settings = RunSettings.from_config(load_config())
     subjects, pairs = pd.read_csv(f"{results}/data/subjects.csv"), pd.read_csv(f"{results}/data/pairs.csv")
     test = pairs[pairs.split == "test"]
     for method in ["student_unsupervised+refine5", "student_unsupervised+refine10", "optimise10"]:
         model = None if method.startswith("optimise") else f"{results}/models/student_unsupervised.pt"
-        predict = refined_predictor(method, model, cfg["evaluation"]["refine"], "cpu")
-        per_pair, _ = evaluate_pairs(method, predict, subjects, test, cfg["preprocessing"]["spacing_mm"], False)
+        predict = refined_predictor(parse_method(method), model, settings.evaluation.refine.optimiser, "cpu")
+        per_pair, _ = evaluate_pairs(method, predict, subjects, test, settings.spacing_mm, False)
         print(f"{method}: {threads} threads, {per_pair.predict_s.mean():.3f} s a pair (median "
               f"{per_pair.predict_s.median():.3f}), Dice {per_pair.dice.mean():.4f}, folding "
               f"{100 * per_pair.folding_fraction.mean():.4f} %", flush=True)

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from ldreg.config_checks import config_problems, headline_variants
+from ldreg.settings import merged
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = yaml.safe_load((ROOT / "config.yaml").read_text())
@@ -72,19 +73,11 @@ def test_a_cross_key_problem_is_named(change, problem):
     assert any(re.search(problem, p) for p in found), found
 
 
-def _merged(base: dict, overlay: dict) -> dict:
-    """``--configfile config.yaml OVERLAY``: Snakemake's merge, key by key into nested mappings."""
-    out = copy.deepcopy(base)
-    for key, value in overlay.items():
-        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 @pytest.mark.parametrize("overlay", sorted((ROOT / "config" / "experiments").glob("*.yaml")), ids=lambda p: p.stem)
 def test_experiment_overlays_are_valid_runs(overlay):
     """Each overlay under config/experiments, over config.yaml as its comment runs it, is a config
     the schema and the cross-key checks accept (a misspelt key fails here, not an hour in)."""
-    config = _merged(CONFIG, yaml.safe_load(overlay.read_text()))
+    config = merged(CONFIG, yaml.safe_load(overlay.read_text()))
     jsonschema.validate(config, SCHEMA)
     # the models `all` trains, as the Snakefile lists them (common.smk: method_sets)
     trained = ["teacher", *[f"student_{v}" for v in headline_variants(config)]]

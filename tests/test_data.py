@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from ldreg import pipeline
+from ldreg.settings import load_config
 from ldreg.preprocessing import Preprocessing
 from ldreg.data import (SyntheticConfig, download, folder_subjects, make_pairs, make_synthetic_cohort,
                         preprocess_cohort, preprocess_image, split_subjects, true_pair_field, unpack)
@@ -119,9 +120,8 @@ def test_failed_preprocessing_leaves_no_manifest(tmp_path, cohort):
     raw_dir = tmp_path / "raw"
     raw_dir.mkdir()
     bad.to_csv(raw_dir / "subjects.csv", index=False)
-    config = {"data": {"source": "synthetic", "label_map": None}, "seed": 0,
-              "preprocessing": PREP.to_dict(), "splits": {"val": 0, "test": 0.5},
-              "pairs": {"train": 4, "test_mode": "all_pairs", "max_test": None}}
+    config = load_config({"preprocessing": PREP.to_dict(), "splits": {"val": 0, "test": 0.5},
+                          "pairs": {"train": 4, "test_mode": "all_pairs", "max_test": None}})
     with pytest.raises(InputError, match="missing.nii.gz: file not found"):
         pipeline.preprocess(config, raw_dir, tmp_path / "pre", tmp_path / "subjects.csv", tmp_path / "pairs.csv")
     assert not (tmp_path / "subjects.csv").exists() and not (tmp_path / "pairs.csv").exists()

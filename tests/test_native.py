@@ -124,7 +124,7 @@ def test_network_path_at_native_resolution_maps_the_field_to_the_fixed_grid(tmp_
     model = build_network(CascadeSpec(kind="student", width=4, depth=3, affine=True, affine_width=4))
     save_model(path, model, Preprocessing(spacing_mm=3.0, grid=(24, 24, 24)), {"config": {"steps": 0}}, "student")
     for name in ("student", "affine", "student+refine3", "student+refine3_3mm"):
-        per_pair, _ = evaluate_native(name, native_runner(parse_method(name), path, {"lr": 1.0}), shifted_pair,
+        per_pair, _ = evaluate_native(name, native_runner(parse_method(name), path), shifted_pair,
                                       show_progress=False)
         row = per_pair.iloc[0]
         assert row["shape"] == "40x40x40" and row.spacing_mm == 1.5

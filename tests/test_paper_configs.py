@@ -14,6 +14,7 @@ import yaml
 from conftest import blob_volume
 from ldreg.config_checks import student_targets
 from ldreg.pipeline import _spec, student_settings
+from ldreg.settings import merged
 from ldreg.training import FlowCache, TrainConfig, cache_teacher_flows, train
 from ldreg.networks import build_network
 
@@ -22,13 +23,8 @@ PAPER_CONFIGS = sorted((ROOT / "config").glob("paper_*.yaml"))
 
 
 def _merged(path) -> dict:
-    """config.yaml updated by ``path`` the way Snakemake's --configfile does (nested dicts merge)."""
-    def update(base, new):
-        for k, v in new.items():
-            base[k] = update(base.get(k, {}) if isinstance(base.get(k), dict) else {}, v) if isinstance(v, dict) else v
-        return base
-
-    return update(yaml.safe_load((ROOT / "config.yaml").read_text()), yaml.safe_load(Path(path).read_text()))
+    """config.yaml with ``path`` over it, as ``snakemake --configfile`` merges them."""
+    return merged(yaml.safe_load((ROOT / "config.yaml").read_text()), yaml.safe_load(Path(path).read_text()))
 
 
 def test_both_paper_configs_ship():

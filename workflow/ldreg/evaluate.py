@@ -38,23 +38,18 @@ def flow_predictor(method: str, model_path=None, device: str = "cpu"):
     raise ValueError(f"unknown method {method!r}")
 
 
-def refine_options(options: dict) -> dict:
-    """The keyword arguments of :func:`ldreg.optimise.optimise_field` in a config section
-    (``evaluation.refine``), the rest of it left out."""
-    return {k: options[k] for k in ("lr", "smoothness_weight", "resolution", "coarse_fraction") if k in options}
-
-
-def refined_predictor(method: Method, model_path, options: dict, device: str = "cpu"):
+def refined_predictor(method: Method, model_path, optimiser: dict | None = None, device: str = "cpu"):
     """'optimise<K>': K Adam steps of per-pair optimisation from a zero field
     (:func:`ldreg.optimise.optimise_field`); '<model>+refine<K>': the model's field refined by K
     iterations of register's refinement on the model's grid (the images the table scores;
-    :func:`ldreg.optimise.refine_on_grid`)."""
+    :func:`ldreg.optimise.refine_on_grid`). ``optimiser``: keyword arguments of
+    :func:`ldreg.optimise.optimise_field` (``evaluation.refine``'s, :class:`ldreg.settings.RefineSettings`)."""
     steps = method.steps
     if method.spacings:
         raise ValueError(f"{method.name}: refinement levels in mm exist at the scan's own resolution only "
                          "(native_evaluation), not on the model's grid")
     if method.kind == "optimise":
-        opts = refine_options(options)
+        opts = dict(optimiser or {})
         return lambda m, f: optimise_field(m, f, None, steps, **opts)[0]
     start = flow_predictor("model", model_path, device)
     return lambda m, f: refine_on_grid(m, f, start(m, f), steps)

@@ -52,10 +52,10 @@ def _identity(moving, fixed, moving_labels, out_dir) -> NativeOutput:
     return NativeOutput(placed.astype(np.int32), np.zeros((3, *shape), np.float32), {})
 
 
-def _network_runner(method: Method, model_path, refine: dict, device: str):
+def _network_runner(method: Method, model_path, spacings, device: str):
     from .register import Registrar, write_outputs
 
-    spacings = method.spacings or refine.get("spacings") or REFINE_SPACINGS
+    spacings = method.spacings or spacings
     levels = refine_schedule(method.steps, spacings) if method.kind == "refine" else ()
     registrar = Registrar(model_path, device, refine_levels=levels, upto=0 if method.kind == "affine" else None)
 
@@ -91,9 +91,11 @@ def _peer_runner(method: Method, threads: int, greedy_settings: dict):
     return run
 
 
-def native_runner(method: Method, model_path=None, refine: dict | None = None, greedy_settings: dict | None = None,
+def native_runner(method: Method, model_path=None, spacings=REFINE_SPACINGS, greedy_settings: dict | None = None,
                   threads: int = 1, device: str = "cpu"):
-    """A function (moving, fixed, moving_labels, out_dir) -> :class:`NativeOutput` for ``method``."""
+    """A function (moving, fixed, moving_labels, out_dir) -> :class:`NativeOutput` for ``method``;
+    ``spacings``: the refinement's levels (mm) where the method's name does not set its own;
+    ``greedy_settings``: name -> :class:`ldreg.peers.GreedySetting`."""
     if method.kind == "identity":
         return _identity
     if method.peer:
@@ -101,7 +103,7 @@ def native_runner(method: Method, model_path=None, refine: dict | None = None, g
     if method.kind == "optimise":
         raise ValueError(f"{method.name}: optimisation from a zero field has no native-resolution path "
                          "(register always starts from a network)")
-    return _network_runner(method, model_path, refine or {}, device)
+    return _network_runner(method, model_path, spacings, device)
 
 
 def cohort_native_pairs(raw_subjects: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:

@@ -125,10 +125,11 @@ class GreedySetting:
 
 
 def greedy_setting(settings: dict, name: str) -> GreedySetting:
-    """The named entry of ``peers.greedy.settings``, checked."""
+    """The named entry of ``settings`` (name -> GreedySetting: the enabled ``peers.greedy.settings``)."""
     if name not in settings:
-        raise ValueError(f"peer_greedy_{name}: no setting {name!r} in peers.greedy.settings ({sorted(settings)})")
-    return GreedySetting(**settings[name])
+        raise ValueError(f"peer_greedy_{name}: no setting {name!r} in peers.greedy.settings ({sorted(settings)}; "
+                         "none when peers.greedy.enabled is false)")
+    return settings[name]
 
 
 def _greedy(command: str, log_path: Path) -> None:

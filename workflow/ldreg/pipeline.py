@@ -23,7 +23,7 @@ from .io import InputError, write_csv
 from .methods import ANTS, Method, parse_method
 from .modelfile import load_model, read_model_file, save_model
 from .networks import CascadeSpec, build_network, complexity
-from .preprocessing import Preprocessing
+from .settings import RunSettings
 from .timing import time_ants as time_ants_registration, time_model_grid
 from .warp import warp_image, warp_labels
 
@@ -54,18 +54,11 @@ def setup_logging(log_path=None, threads: int | None = None) -> None:
         torch.set_num_threads(usable_threads(threads))
 
 
-def preprocessing_from(config: dict) -> Preprocessing:
-    return Preprocessing.from_dict(config["preprocessing"])
-
-
 # ------------------------------------------------------------------------------------- data
 
 
 def make_synthetic(config: dict, out_dir, manifest, threads: int = 1) -> None:
-    syn = dict(config["data"]["synthetic"])
-    syn["gamma_range"] = tuple(syn["gamma_range"])
-    data_mod.make_synthetic_cohort(out_dir, data_mod.SyntheticConfig(seed=config["seed"], **syn),
-                                   usable_threads(threads))
+    data_mod.make_synthetic_cohort(out_dir, RunSettings.from_config(config).data.synthetic, usable_threads(threads))
 
 
 def fetch_dataset(spec: dict, resources_dir, done_flag) -> None:
@@ -74,29 +67,28 @@ def fetch_dataset(spec: dict, resources_dir, done_flag) -> None:
     Path(done_flag).write_text(json.dumps({"url": spec["url"], "sha256": data_mod.sha256sum(archive)}) + "\n")
 
 
-def raw_subjects(config: dict, source_root) -> pd.DataFrame:
+def raw_subjects(settings: RunSettings, source_root) -> pd.DataFrame:
     """The raw subjects manifest of the configured source."""
-    source = config["data"]["source"]
-    if source == "synthetic":
+    data = settings.data
+    if data.source == "synthetic":
         return pd.read_csv(Path(source_root) / "subjects.csv")
-    if source == "folder":
-        f = config["data"]["folder"]
+    if data.source == "folder":
+        f = data.folder
         return data_mod.folder_subjects(f["root"], f["image_glob"], f.get("label_pattern"), f.get("label_replacement"))
-    spec = config["data"]["downloads"][source]
+    spec = data.download()
     return data_mod.folder_subjects(Path(source_root) / "unpacked", spec["image_glob"], spec.get("label_pattern"),
                                     spec.get("label_replacement"))
 
 
 def preprocess(config: dict, source_root, out_dir, subjects_csv, pairs_csv, threads: int = 1) -> None:
-    raw = raw_subjects(config, source_root)
-    limit = config["data"].get("max_subjects")
-    if limit:
-        raw = raw.iloc[:limit]
-    pairs_cfg = config["pairs"]
+    settings = RunSettings.from_config(config)
+    raw = raw_subjects(settings, source_root)
+    if settings.data.max_subjects:
+        raw = raw.iloc[:settings.data.max_subjects]
+    pairs_cfg = settings.pairs
     subjects, pairs = data_mod.preprocess_cohort(
-        raw, out_dir, preprocessing_from(config), config["splits"], config["seed"], pairs_cfg["train"],
-        pairs_cfg["test_mode"], pairs_cfg.get("max_test"), config["data"].get("label_map"),
-        usable_threads(threads))
+        raw, out_dir, settings.preprocessing, settings.splits.fractions(), settings.seed, pairs_cfg.train,
+        pairs_cfg.test_mode, pairs_cfg.max_test, settings.data.label_map, usable_threads(threads))
     write_csv(subjects, subjects_csv)
     write_csv(pairs, pairs_csv)
     log.info("%d subjects (%s), %d pairs", len(subjects), subjects.split.value_counts().to_dict(), len(pairs))
@@ -116,10 +108,10 @@ def training_inputs(subjects_csv, pairs_csv):
     return load_images(subjects[subjects.id.isin(needed)]), train_pairs
 
 
-def training_validator(config, subjects_csv, pairs_csv, device: str = "cpu"):
+def training_validator(settings: RunSettings, subjects_csv, pairs_csv, device: str = "cpu"):
     """The learning-curve and divergence check on the first ``evaluation.validation_pairs``
     validation pairs (never test pairs); None when switched off (0)."""
-    n = config["evaluation"]["validation_pairs"]
+    n = settings.evaluation.validation_pairs
     if not n:
         return None
     pairs = pd.read_csv(pairs_csv)
@@ -127,7 +119,7 @@ def training_validator(config, subjects_csv, pairs_csv, device: str = "cpu"):
     if val.empty:
         raise InputError(f"{pairs_csv}: no validation pairs for the learning curves; set splits.val > 0 "
                          f"(or evaluation.validation_pairs: 0 to switch them off)")
-    return validator(pd.read_csv(subjects_csv), val, config["preprocessing"]["spacing_mm"], device)
+    return validator(pd.read_csv(subjects_csv), val, settings.spacing_mm, device)
 
 
 def _run_training(name, rule: str, variant: str | None, config, subjects_csv, pairs_csv, model_out, loss_csv,
@@ -135,21 +127,22 @@ def _run_training(name, rule: str, variant: str | None, config, subjects_csv, pa
     from .training import FlowCache, train, write_loss_log
 
     images, pairs = training_inputs(subjects_csv, pairs_csv)
+    settings = RunSettings.from_config(config)
     spec, cfg = training_job(config, rule, variant)
     model = build_network(spec, seed=cfg.seed)
-    grid = tuple(config["preprocessing"]["grid"])
+    grid = settings.grid
     info = complexity(model, grid)
     log.info("%s: %s, %d parameters, %.2f GFLOPs per pair at %s, %d threads on %s", name, spec, info["parameters"],
              info["flops"] / 1e9, grid, torch.get_num_threads(), cpu_summary())
     cache = FlowCache(flow_cache_path) if flow_cache_path else None
-    device = device_for(config.get("device", "auto"))
-    validate = training_validator(config, subjects_csv, pairs_csv, str(device))
+    device = device_for(settings.device)
+    validate = training_validator(settings, subjects_csv, pairs_csv, str(device))
     result = train(model, pairs, images, cfg, checkpoint, cache, str(device), validate=validate, name=name)
     write_loss_log(result.losses, loss_csv, cfg.seed)
     if val_csv:
         write_loss_log(result.validation.assign(model=name), val_csv, cfg.seed)
     training = {"config": cfg.to_dict(), "pairs": len(pairs), "diverged": result.stopped}
-    save_model(model_out, result.model.cpu(), preprocessing_from(config), training, name)
+    save_model(model_out, result.model.cpu(), settings.preprocessing, training, name)
     Path(checkpoint).unlink(missing_ok=True)  # done: the model file supersedes it
 
 
@@ -215,7 +208,8 @@ def cache_flows(config, teacher_path, subjects_csv, pairs_csv, out, refine: dict
     images, pairs = training_inputs(subjects_csv, pairs_csv)
     model, _, _ = load_model(teacher_path)
     refine = dict(refine or {"steps": 0})
-    report = cache_teacher_flows(model, pairs, images, out, str(device_for(config.get("device", "auto"))), refine)
+    report = cache_teacher_flows(model, pairs, images, out, str(device_for(RunSettings.from_config(config).device)),
+                                 refine)
     if refine["steps"]:
         log.info("refined %d teacher fields by %d steps: similarity loss %.4f -> %.4f (mean)", len(report),
                  refine["steps"], report.similarity_start.mean(), report.similarity_end.mean())
@@ -226,25 +220,25 @@ def cache_flows(config, teacher_path, subjects_csv, pairs_csv, out, refine: dict
 
 def evaluate(config, method: str, model_path, subjects_csv, pairs_csv, per_pair_csv, per_label_csv) -> None:
     """``method`` is 'identity', 'affine' (the teacher's affine stage) or a model name."""
+    settings = RunSettings.from_config(config)
     subjects, pairs = pd.read_csv(subjects_csv), pd.read_csv(pairs_csv)
     test = pairs[pairs.split == "test"]
-    spec, device = parse_method(method), str(device_for(config.get("device", "auto")))
+    spec, device = parse_method(method), str(device_for(settings.device))
     missing = _missing_peer(spec)
     if missing:
         _write_skipped(method, missing, per_pair_csv, per_label_csv)
         return
-    spacing = config["preprocessing"]["spacing_mm"]
+    spacing = settings.spacing_mm
     if spec.kind == "ants":
         predict = peers.ants_predictor(spacing, torch.get_num_threads())
     elif spec.kind == "greedy":
-        setting = peers.greedy_setting(config["peers"]["greedy"]["settings"], spec.setting)
-        predict = peers.greedy_predictor(spacing, torch.get_num_threads(), setting)
+        predict = peers.greedy_predictor(spacing, torch.get_num_threads(),
+                                         peers.greedy_setting(settings.greedy, spec.setting))
     elif spec.optimises:
-        predict = refined_predictor(spec, model_path, config["evaluation"]["refine"], device)
+        predict = refined_predictor(spec, model_path, settings.evaluation.refine.optimiser, device)
     else:
         predict = flow_predictor(spec.kind, model_path, device)
-    per_pair, per_label = evaluate_pairs(method, predict, subjects, test, config["preprocessing"]["spacing_mm"],
-                                         config["evaluation"]["hd95"])
+    per_pair, per_label = evaluate_pairs(method, predict, subjects, test, spacing, settings.evaluation.hd95)
     write_csv(per_pair, per_pair_csv)
     write_csv(per_label, per_label_csv)
 
@@ -276,42 +270,42 @@ def evaluate_native(config, method: str, model_path, pairs_csv, per_pair_csv, pe
     if missing:
         _write_skipped(method, missing, per_pair_csv, per_label_csv)
         return
-    native = config["native_evaluation"]
+    settings = RunSettings.from_config(config)
+    native = settings.native
     if cohort == "cohort":
-        pairs = cohort_native_pairs(raw_subjects(config, source_root), pd.read_csv(pairs_csv))
+        pairs = cohort_native_pairs(raw_subjects(settings, source_root), pd.read_csv(pairs_csv))
     else:
         pairs = pd.read_csv(pairs_csv)
-    if spec.kind == "ants" and native["ants_pairs"]:
-        pairs = pairs.head(native["ants_pairs"])  # about two minutes a pair at 1 mm
-    run = native_runner(spec, model_path, config["evaluation"]["refine"], config["peers"]["greedy"]["settings"],
-                        usable_threads(threads), str(device_for(config.get("device", "auto"))))
-    per_pair, per_label = evaluate_pairs_native(method, run, pairs, native["hd95"])
+    if spec.kind == "ants" and native.ants_pairs:
+        pairs = pairs.head(native.ants_pairs)  # about two minutes a pair at 1 mm
+    run = native_runner(spec, model_path, settings.evaluation.refine.spacings, settings.greedy,
+                        usable_threads(threads), str(device_for(settings.device)))
+    per_pair, per_label = evaluate_pairs_native(method, run, pairs, native.hd95)
     write_csv(per_pair.assign(cohort=cohort, cpu=cpu_summary()), per_pair_csv)
     write_csv(per_label, per_label_csv)
 
 
 def make_real_anatomy(config, out_dir) -> None:
-    from .real_anatomy import RealAnatomyConfig, make_real_anatomy_pairs
+    from .real_anatomy import make_real_anatomy_pairs
 
-    real = {k: v for k, v in config["real_anatomy"].items() if k != "enabled"}
-    make_real_anatomy_pairs(RealAnatomyConfig(seed=config["seed"], **real), out_dir)
+    make_real_anatomy_pairs(RunSettings.from_config(config).real_anatomy, out_dir)
 
 
 def register_batch(config, model_path, pairs_csv, out_dir) -> None:
     """The ``batch`` config's pairs through ``register-batch`` (:mod:`ldreg.batch`)."""
     from .batch import BatchOptions, batch_pairs
     from .batch import register_batch as run_batch
-    from .defaults import REFINE_SPACINGS, REFINE_STEPS
+    from .defaults import REFINE_STEPS
     from .optimise import refine_schedule
     from .register import Registrar
 
-    b = config["batch"]
-    pairs = batch_pairs(None if b.get("moving_dir") else pairs_csv, b.get("moving_dir"), b.get("fixed"),
-                        b.get("pattern", "*.nii*"))
-    steps = REFINE_STEPS if b.get("refine_steps") is None else b["refine_steps"]
-    spacings = config.get("evaluation", {}).get("refine", {}).get("spacings") or REFINE_SPACINGS
-    registrar = Registrar(model_path, channels_last=True, refine_levels=refine_schedule(steps, spacings))
-    summary = run_batch(registrar, pairs, out_dir, BatchOptions(suffix=b.get("suffix", ".nii.gz"), qc=b.get("qc", True)))
+    settings = RunSettings.from_config(config)
+    b = settings.batch
+    pairs = batch_pairs(None if b.moving_dir else pairs_csv, b.moving_dir, b.fixed, b.pattern)
+    steps = REFINE_STEPS if b.refine_steps is None else b.refine_steps
+    levels = refine_schedule(steps, settings.evaluation.refine.spacings)
+    registrar = Registrar(model_path, channels_last=True, refine_levels=levels)
+    summary = run_batch(registrar, pairs, out_dir, BatchOptions(suffix=b.suffix, qc=b.qc))
     failed = summary[summary.status == "error"]
     if len(failed):
         raise InputError(f"{len(failed)} of {len(summary)} pairs failed: " +
@@ -327,17 +321,18 @@ def native_tables(config, eval_csvs: dict, out_dir, figure_path) -> None:
     tables = {}
     for cohort, paths in eval_csvs.items():
         evals = pd.concat([pd.read_csv(p) for p in paths], ignore_index=True)
-        table = native_accuracy_table(evals).assign(cpu=cpu_summary(), seed=config["seed"])
+        table = native_accuracy_table(evals).assign(cpu=cpu_summary(), seed=RunSettings.from_config(config).seed)
         write_table(table, Path(out_dir) / ("accuracy_native" if cohort == "cohort" else "accuracy_real"))
         tables[cohort] = table
     native_accuracy_vs_time(tables, figure_path, cpu_summary())
 
 
 def time_cpu(config, model_path, out_csv, threads: int) -> None:
-    t = config["timing"]
+    settings = RunSettings.from_config(config)
+    t = settings.timing
     counts = sorted({1, usable_threads(threads)})
-    grids = [tuple(config["preprocessing"]["grid"])] + [tuple(g) for g in t["extra_grids"]]
-    rows = time_model_grid(model_path, grids, counts, t["repeats"], t["warmup"])
+    grids = [settings.grid] + [tuple(g) for g in t.extra_grids]
+    rows = time_model_grid(model_path, grids, counts, t.repeats, t.warmup)
     write_csv(pd.DataFrame(rows).assign(cpu=cpu_summary()), out_csv)
 
 
@@ -347,10 +342,11 @@ def time_ants(config, out_csv, threads: int) -> None:
     if not peers.ANTS_AVAILABLE:
         write_csv(pd.DataFrame([{"note": peers.ants_missing_note()}]), out_csv)
         return
-    t, grid = config["timing"], tuple(config["preprocessing"]["grid"])
-    repeats, rows = max(1, t["repeats"] // 2), []
+    settings = RunSettings.from_config(config)
+    grid = settings.grid
+    repeats, rows = max(1, settings.timing.repeats // 2), []
     for n in sorted({1, usable_threads(threads)}):
-        res = time_ants_registration(grid, config["preprocessing"]["spacing_mm"], n, repeats)
+        res = time_ants_registration(grid, settings.spacing_mm, n, repeats)
         rows.append({"grid": "x".join(map(str, grid)), "threads": n, "parameters": 0, "gflops": np.nan,
                      "repeats": repeats, **res, "cpu": cpu_summary()})
     write_csv(pd.DataFrame(rows), out_csv)
@@ -365,7 +361,8 @@ def tables(config, eval_csvs: dict, timing_csvs: dict, model_paths: dict, out_di
     evals = pd.concat([pd.read_csv(p) for p in eval_csvs.values()], ignore_index=True)
     speed = pd.concat([pd.read_csv(p).assign(method=m) for m, p in timing_csvs.items()], ignore_index=True)
     speed = speed[["method"] + [c for c in speed.columns if c != "method"]]
-    grid = tuple(config["preprocessing"]["grid"])
+    settings = RunSettings.from_config(config)
+    grid = settings.grid
     params = {m: complexity(load_model(p)[0], grid)["parameters"] for m, p in model_paths.items()}
     params["identity"] = params[ANTS] = 0
     params["affine"] = sum(x.numel() for x in load_model(model_paths["teacher"])[0].affine.parameters())
@@ -378,10 +375,9 @@ def tables(config, eval_csvs: dict, timing_csvs: dict, model_paths: dict, out_di
             rows = accuracy.method == method
             accuracy.loc[rows, "flag"] = ["; ".join(filter(None, [f, note])) for f in accuracy.loc[rows, "flag"]]
     out_dir = Path(out_dir)
-    write_table(accuracy.assign(seed=config["seed"]), out_dir / "accuracy")
+    write_table(accuracy.assign(seed=settings.seed), out_dir / "accuracy")
     # the speed profile's reference model is the recommended student
-    student = config["speed_profile"].get("reference_model") or "student_aldk"
-    write_table(speed_table(speed, student=student), out_dir / "speed")
+    write_table(speed_table(speed, student=settings.speed_profile.reference_model), out_dir / "speed")
     # the students this target trained (`all`: the headline ones; `ablation`: every one)
     variants = {v: s for v, s in resolved_variants(config).items() if f"student_{v}" in model_paths}
     write_table(ablation_table(accuracy, variants, evals), out_dir / "ablation")
@@ -445,8 +441,8 @@ def run_job(log_path, threads, job, *args, **kwargs) -> None:
 def benchmark_core(config, out_csv) -> None:
     from .benchmark import core_benchmark
 
-    b = config["benchmark"]
-    frame = core_benchmark(b["repeats"], tuple(b["grid"]))
+    b = RunSettings.from_config(config).benchmark
+    frame = core_benchmark(b.repeats, tuple(b.grid))
     log.info("\n%s", frame.to_string(index=False))
     write_csv(frame, out_csv)
 
@@ -457,25 +453,23 @@ def speed_profile(config, model_paths: dict, subjects_csv, pairs_csv, profile_cs
 
     from .speed_profile import speed_profile as profile
 
-    sp = config["speed_profile"]
-    problems = speed_profile_problems(sp, list(model_paths))
+    problems = speed_profile_problems(config["speed_profile"], list(model_paths))
     if problems:
         raise ValueError("; ".join(problems))
+    settings = RunSettings.from_config(config)
+    sp = settings.speed_profile
     pairs = pd.read_csv(pairs_csv)
-    counts = sorted({usable_threads(n) for n in sp["threads"]})
-    grids = [tuple(config["preprocessing"]["grid"])] + [tuple(g) for g in sp["extra_grids"]]
-    repeats = sp["repeats"]
-    if not sp["full"]:  # the short form in `all`: the default grid, the most threads, 3 runs
+    counts = sorted({usable_threads(n) for n in sp.threads})
+    grids = [settings.grid] + [tuple(g) for g in sp.extra_grids]
+    repeats = sp.repeats
+    if not sp.full:  # the short form in `all`: the default grid, the most threads, 3 runs
         grids, counts, repeats = grids[:1], counts[-1:], min(repeats, 3)
         log.info("short speed profile (speed_profile.full: false): grid %s, %d threads, %d runs", grids[0], counts[0],
                  repeats)
-    table, machine = profile(model_paths, sp["engines"], grids, counts, repeats, sp["warmup"],
-                             pd.read_csv(subjects_csv), pairs[pairs.split == "test"],
-                             config["preprocessing"]["spacing_mm"], sp["reference_engine"], sp["baseline_model"],
-                             sp.get("reference_model"), config["seed"], sp.get("native_inputs", []),
-                             sp.get("ants_repeats", 0),
-                             config["peers"]["greedy"]["settings"] if config["peers"]["greedy"]["enabled"] else {},
-                             sp.get("greedy_repeats", 0))
+    table, machine = profile(model_paths, sp.engines, grids, counts, repeats, sp.warmup,
+                             pd.read_csv(subjects_csv), pairs[pairs.split == "test"], settings.spacing_mm,
+                             sp.reference_engine, sp.baseline_model, sp.reference_model, settings.seed,
+                             sp.native_inputs, sp.ants_repeats, settings.greedy, sp.greedy_repeats)
     log.info("\n%s", table[["model", "engine", "grid", "input", "threads", "total_s", "network_s", "peak_rss_mb",
                              "dice"]].to_string())
     write_table(table, Path(profile_csv).with_suffix(""))

@@ -18,6 +18,7 @@ import logging
 import statistics
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import nibabel as nib
@@ -256,7 +257,7 @@ def speed_profile(models: dict, engines, grids, thread_counts, repeats: int, war
     ``native_inputs`` ({shape, spacing_mm} each) add rows for scans at their own resolution.
     ``ants_repeats`` > 0: ANTs SyN is timed as many times on every input and thread count
     (rows ``peer_ants_syn``; each row's ``speedup_vs_ants_syn`` refers to it); ``greedy_repeats``
-    > 0: each of ``greedy_settings`` (name -> GreedySetting options) likewise (rows
+    > 0: each of ``greedy_settings`` (name -> :class:`ldreg.peers.GreedySetting`) likewise (rows
     ``peer_greedy_<name>``)."""
     configs, skipped_rows = plan(models, engines, grids, thread_counts, native_inputs)
     if not precision_native(engine_spec(reference)[0]):
@@ -283,7 +284,7 @@ def speed_profile(models: dict, engines, grids, thread_counts, repeats: int, war
     rows = _network_rows(models, configs, machine, flops, dice, reference, repeats, warmup, seed)
     inputs = {(grid, threads, input_label(native)): native for _, _, grid, threads, native in configs}
     peers = ([(ANTS, "ants", "profile_ants", {}, ants_repeats, ANTS_AVAILABLE, ants_missing_note())] if ants_repeats else [])
-    peers += [(greedy_method(name), "greedy", "profile_greedy", {"setting": setting}, greedy_repeats, GREEDY_AVAILABLE,
+    peers += [(greedy_method(name), "greedy", "profile_greedy", {"setting": asdict(setting)}, greedy_repeats, GREEDY_AVAILABLE,
                greedy_missing_note()) for name, setting in (greedy_settings or {}).items() if greedy_repeats]
     rows += _peer_rows(peers, inputs, spacing, seed, skipped_rows)
     table = _compared(pd.DataFrame(rows), baseline_model, reference, reference_model, dice, unguarded)
