@@ -62,3 +62,18 @@ def test_greedy_switched_off_has_no_settings():
     assert settings.greedy == {}
     with pytest.raises(ValueError, match="peer_greedy_fast.*enabled is false"):
         peers.greedy_setting(settings.greedy, "fast")
+
+
+@pytest.mark.parametrize("section", ["synthetic", "real_anatomy", "preprocessing"])
+def test_library_defaults_agree_with_the_run(section):
+    """The data classes' own defaults (for use without a config) are the default run's values:
+    a change to config.yaml or the schema that leaves them behind fails here."""
+    from ldreg.data import SyntheticConfig
+    from ldreg.preprocessing import Preprocessing
+    from ldreg.real_anatomy import RealAnatomyConfig
+
+    settings = RunSettings.from_config(load_config())
+    run, library = {"synthetic": (settings.data.synthetic, SyntheticConfig()),
+                    "real_anatomy": (settings.real_anatomy, RealAnatomyConfig()),
+                    "preprocessing": (settings.preprocessing, Preprocessing())}[section]
+    assert run == library

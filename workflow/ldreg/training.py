@@ -70,6 +70,9 @@ class ResearchOptions:
 
 @dataclass
 class TrainConfig:
+    """One training job's options. The defaults are the paper's settings, for use as a library;
+    the workflow sets every value it changes in config.yaml (:func:`ldreg.pipeline.training_job`)."""
+
     steps: int = 300
     batch_size: int = 1
     lr: float = 1e-4
