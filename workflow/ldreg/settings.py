@@ -49,6 +49,8 @@ def _typed(cls, config: dict, path: str, **extra):
 
 @dataclass(frozen=True)
 class Splits:
+    """``splits``: the fractions of subjects held out for validation and test."""
+
     val: float
     test: float
 
@@ -58,6 +60,8 @@ class Splits:
 
 @dataclass(frozen=True)
 class PairSettings:
+    """``pairs``: how many training pairs, and which test pairs (``test_mode``, at most ``max_test``)."""
+
     train: int
     test_mode: str
     max_test: int | None
@@ -99,6 +103,8 @@ OPTIMISER_OPTIONS = ("lr", "smoothness_weight", "resolution", "coarse_fraction")
 
 @dataclass(frozen=True)
 class EvaluationSettings:
+    """``evaluation``: the model-grid tables' options and the learning curves' validation pairs."""
+
     hd95: bool
     validation_pairs: int
     refine: RefineSettings
@@ -106,14 +112,18 @@ class EvaluationSettings:
 
 @dataclass(frozen=True)
 class NativeSettings:
+    """``native_evaluation``: scoring at the scan's own resolution through register's path."""
+
     enabled: bool
-    models: list | None
+    models: list | None  # None: every trained model
     hd95: bool
-    ants_pairs: int
+    ants_pairs: int  # ANTs SyN on the first pairs of each cohort only (0: all)
 
 
 @dataclass(frozen=True)
 class BatchSettings:
+    """``batch``: the register_batch target's pairs (a CSV, or a folder to one fixed image) and outputs."""
+
     enabled: bool
     pairs: str | None
     moving_dir: str | None
@@ -127,13 +137,17 @@ class BatchSettings:
 
 @dataclass(frozen=True)
 class TimingSettings:
-    extra_grids: list
+    """``timing``: the speed table's forward passes."""
+
+    extra_grids: list  # grids timed beyond the model's own
     repeats: int
-    warmup: int
+    warmup: int  # runs not counted
 
 
 @dataclass(frozen=True)
 class SpeedProfileSettings:
+    """``speed_profile``: the register path timed stage by stage (:mod:`ldreg.speed_profile`)."""
+
     full: bool
     models: list
     engines: list
@@ -151,12 +165,16 @@ class SpeedProfileSettings:
 
 @dataclass(frozen=True)
 class BenchmarkSettings:
+    """``benchmark``: the core operations' timing grid and runs."""
+
     grid: list
     repeats: int
 
 
 @dataclass(frozen=True)
 class RunSettings:
+    """A run's settings; the training sections are :func:`ldreg.pipeline.training_job`'s."""
+
     seed: int
     device: str
     preprocessing: Preprocessing
