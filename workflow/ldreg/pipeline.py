@@ -318,10 +318,10 @@ def native_tables(config, eval_csvs: dict, out_dir, figure_path) -> None:
     from .native import native_accuracy_table
     from .report import native_accuracy_vs_time, write_table
 
-    tables = {}
+    tables, seed = {}, RunSettings.from_config(config).seed
     for cohort, paths in eval_csvs.items():
         evals = pd.concat([pd.read_csv(p) for p in paths], ignore_index=True)
-        table = native_accuracy_table(evals).assign(cpu=cpu_summary(), seed=RunSettings.from_config(config).seed)
+        table = native_accuracy_table(evals).assign(cpu=cpu_summary(), seed=seed)
         write_table(table, Path(out_dir) / ("accuracy_native" if cohort == "cohort" else "accuracy_real"))
         tables[cohort] = table
     native_accuracy_vs_time(tables, figure_path, cpu_summary())
@@ -377,7 +377,8 @@ def tables(config, eval_csvs: dict, timing_csvs: dict, model_paths: dict, out_di
     out_dir = Path(out_dir)
     write_table(accuracy.assign(seed=settings.seed), out_dir / "accuracy")
     # the speed profile's reference model is the recommended student
-    write_table(speed_table(speed, student=settings.speed_profile.reference_model), out_dir / "speed")
+    student = settings.speed_profile.reference_model or "student_aldk"
+    write_table(speed_table(speed, student=student), out_dir / "speed")
     # the students this target trained (`all`: the headline ones; `ablation`: every one)
     variants = {v: s for v, s in resolved_variants(config).items() if f"student_{v}" in model_paths}
     write_table(ablation_table(accuracy, variants, evals), out_dir / "ablation")
