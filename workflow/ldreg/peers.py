@@ -147,11 +147,13 @@ def greedy_register_files(moving_path, fixed_path, labels_path, out_dir, threads
                           setting: GreedySetting = GreedySetting()) -> PeerRun:
     """What a user of Greedy does for one pair of NIfTI files: deformable registration (its
     reading of the images inside; the warp file it writes, too) then reslicing the image
-    (linear) and the label map (nearest neighbour) onto the fixed grid, written as .nii. No
-    affine stage: the pairs here differ by a few degrees and millimetres, which the coarse
+    (linear) and the label map (nearest neighbour) onto the fixed grid. Every output is .nii,
+    the warp included, as `register`'s are in the tables: a .nii.gz warp would add its
+    compression to Greedy's time (measured in docs/experiments.md, 2026-12-06).
+    No affine stage: the pairs here differ by a few degrees and millimetres, which the coarse
     levels absorb."""
     out_dir = Path(out_dir)
-    log_path, warp = out_dir / "greedy.log", out_dir / "greedy_warp.nii.gz"
+    log_path, warp = out_dir / "greedy.log", out_dir / "greedy_warp.nii"
     times, t = {"preprocess": 0.0}, time.perf_counter()
     _greedy(f"-d 3 -threads {threads} -i {fixed_path} {moving_path} -o {warp} -m {setting.metric} "
             f"-n {setting.iterations}", log_path)
