@@ -3,21 +3,28 @@ method (`ldreg.native.evaluate_native`: each pair registered alone on all the th
 outputs, then scored), with Greedy's settings beside them in the same process.
 
     python experiments/refine_schedules.py PAIRS.csv OUT.csv MODEL [--threads 2] \
-        [--greedy fast ...] K:MM,MM [K:MM,MM ...]
+        [--greedy fast ...] K:MM,MM [K:MM,MM ...] [MMxN,MMxN ...]
 
-``K:MM,MM`` is ``register --refine-steps K --refine-spacings MM,MM``. PAIRS.csv has the columns
+``K:MM,MM`` is ``register --refine-steps K --refine-spacings MM,MM`` (K iterations at the first
+level, half as many at each next); ``MMxN,MMxN`` sets each level's iterations itself (``4x20,3x10,2x3``:
+20 at 4 mm, 10 at 3 mm, 3 at 2 mm; the same ``Registrar`` levels). PAIRS.csv has the columns
 moving, moving_labels, fixed, fixed_labels (``ldreg register-batch``'s with labels). Prints and
 writes one row per setting: mean Dice, median seconds a pair and per stage.
 """
 import argparse
 import sys
+import time
+from pathlib import Path
+
+import numpy as np
 
 import pandas as pd
 import torch
 
 from ldreg.allocator import keep_freed_memory
 from ldreg.methods import greedy_method, parse_method, refined_method
-from ldreg.native import evaluate_native, native_runner
+from ldreg.native import NativeOutput, evaluate_native, native_runner
+from ldreg.register import Registrar, write_outputs
 from ldreg.settings import RunSettings, load_config
 
 
@@ -36,21 +43,41 @@ def main() -> None:
     greedy = RunSettings.from_config(load_config()).greedy
     runs = [(greedy_method(g), None) for g in args.greedy]
     for setting in args.settings:
-        steps, spacings = setting.split(":")
-        runs.append((refined_method("model", int(steps)), tuple(float(s) for s in spacings.split(","))))
+        if ":" in setting:
+            steps, spacings = setting.split(":")
+            runs.append((refined_method("model", int(steps)), tuple(float(s) for s in spacings.split(","))))
+        else:
+            runs.append((setting, tuple(tuple(float(v) for v in level.split("x")) for level in setting.split(","))))
     rows = []
     for name, spacings in runs:
-        method = parse_method(name)
-        run = native_runner(method, args.model, spacings=spacings, greedy_settings=greedy, threads=args.threads)
+        if isinstance(spacings, tuple) and spacings and isinstance(spacings[0], tuple):  # explicit levels
+            run, label = levels_runner(args.model, spacings), name
+        else:
+            method = parse_method(name)
+            run = native_runner(method, args.model, spacings=spacings, greedy_settings=greedy, threads=args.threads)
+            label = name if not spacings else f"{method.steps}:{','.join(f'{s:g}' for s in spacings)}"
         per_pair, _ = evaluate_native(name, run, pairs, with_hd95=False, show_progress=False)
         stages = [c for c in per_pair.columns if c.endswith("_s")]
-        label = name if not spacings else f"{method.steps}:{','.join(f'{s:g}' for s in spacings)}"
         row = {"setting": label, "dice": per_pair.dice.mean(), "seconds": per_pair.seconds.median(),
                **{c: per_pair[c].median() for c in stages}, "folding_percent": 100 * per_pair.folding_fraction.max()}
         # stderr: Greedy prints its iterations on stdout
         print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, file=sys.stderr, flush=True)
         rows.append(row)
     pd.DataFrame(rows).to_csv(args.out, index=False)
+
+
+def levels_runner(model, levels):
+    """A runner for evaluate_native whose refinement runs ``levels`` ((mm, iterations), ...)."""
+    registrar = Registrar(model, "cpu", refine_levels=levels)
+
+    def run(moving, fixed, moving_labels, out_dir) -> NativeOutput:
+        result = registrar.register(moving, fixed, moving_labels)
+        t = time.perf_counter()
+        write_outputs(result, Path(out_dir) / "warped.nii", Path(out_dir) / "field.nii", Path(out_dir) / "warped_labels.nii")
+        times = {**result["times"], "write": time.perf_counter() - t}
+        return NativeOutput(np.asarray(result["warped_labels"]), np.asarray(result["field"]), times)
+
+    return run
 
 
 if __name__ == "__main__":

@@ -232,6 +232,11 @@ def test_register_refinement_on_the_scan_recovers_a_known_shift_coarse_to_fine(t
     with pytest.raises(ValueError, match="coarse to fine"):
         refine_schedule(5, (2.0, 4.0))
     assert refine_schedule(0) == ()
+    # K halves at each finer level; a tuple sets each level's iterations, a zero level left out
+    assert refine_schedule(10, (4.0, 3.0, 2.0)) == ((4.0, 10), (3.0, 5), (2.0, 2))
+    assert refine_schedule((10, 10, 0), (4.0, 3.0, 2.0)) == ((4.0, 10), (3.0, 10))
+    with pytest.raises(ValueError, match="one count >= 0 per level"):
+        refine_schedule((10, 2), (4.0, 3.0, 2.0))
 
 
 def test_the_warp_lattice_lies_on_the_source_grid_and_covers_the_fixed_grid():

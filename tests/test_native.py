@@ -8,7 +8,7 @@ import pytest
 from conftest import blob_volume
 from ldreg.preprocessing import Preprocessing
 from ldreg.io import InputError, field_to_itk_array, itk_array_to_field
-from ldreg.methods import Method, parse_method, refined_method
+from ldreg.methods import Method, format_refine_steps, parse_method, parse_refine_steps, refined_method
 from ldreg.modelfile import save_model
 from ldreg.native import NativeOutput, evaluate_native, native_accuracy_table, native_runner, pareto_front
 from ldreg.networks import CascadeSpec, build_network
@@ -25,6 +25,14 @@ def test_method_names_parse_into_values():
     assert parse_method("s+refine30_4-2-1.5mm") == Method("s+refine30_4-2-1.5mm", "refine", model="s", steps=30,
                                                            spacings=(4.0, 2.0, 1.5))
     assert parse_method("s+refine30").spacings is None
+    # each level's own iterations (Greedy's -n syntax), read back as a tuple
+    assert refined_method("s", "10x10x2", [4, 3, 2]) == "s+refine10x10x2_4-3-2mm"
+    assert parse_method("s+refine10x10x2_4-3-2mm").steps == (10, 10, 2)
+    assert parse_method("s+refine10x0").steps == (10, 0) and parse_method("s+refine10x0").model == "s"
+    assert parse_refine_steps("12") == 12 and parse_refine_steps(7) == 7 and format_refine_steps((8, 4, 1)) == "8x4x1"
+    for bad in ("10x", "x2", "1.5", "-3", -3, True, (4,)):
+        with pytest.raises(ValueError, match="refinement steps"):
+            parse_refine_steps(bad)
     assert parse_method("optimise10").steps == 10 and parse_method("optimise10").optimises
     assert parse_method("peer_greedy_fast") == Method("peer_greedy_fast", "greedy", setting="fast")
     assert parse_method("peer_ants_syn").peer and not parse_method("teacher").peer

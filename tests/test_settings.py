@@ -41,6 +41,18 @@ def test_an_overlay_changes_only_its_keys():
     assert settings.evaluation.refine.models == tuple(CONFIG["evaluation"]["refine"]["models"])
 
 
+def test_refinement_steps_per_level_are_read_and_checked():
+    settings = RunSettings.from_config(load_config({"batch": {"refine_steps": "10x10x2"}, "evaluation": {"refine": {
+        "with_spacings": [{"steps": "10x10x2", "spacings": [4, 3, 2]}, {"steps": 12, "spacings": [4, 3]}]}}}))
+    assert settings.batch.refine_steps == (10, 10, 2)
+    assert settings.evaluation.refine.with_spacings == (((10, 10, 2), (4, 3, 2)), (12, (4, 3)))
+    with pytest.raises(ConfigKeyError, match="10x2 gives 2 levels' iterations for 3 spacings"):
+        RunSettings.from_config(load_config({"evaluation": {"refine": {
+            "with_spacings": [{"steps": "10x2", "spacings": [4, 3, 2]}]}}}))
+    with pytest.raises(WorkflowError, match="10y"):
+        load_config({"batch": {"refine_steps": "10y"}})
+
+
 def test_a_missing_key_is_named():
     config = load_config()
     broken = copy.deepcopy(config)

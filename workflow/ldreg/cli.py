@@ -13,6 +13,7 @@ import time
 
 # nothing heavy at the top: `--help` and argument errors answer before torch is imported
 from .defaults import PRECISION_NAMES, REFINE_SPACINGS, REFINE_STEPS
+from .methods import format_refine_steps, parse_refine_steps
 
 _STARTED = time.perf_counter()  # the process's imports up to here are a few milliseconds
 
@@ -131,10 +132,11 @@ def _model_args(p) -> None:
                    help="convolutions (channels-last) in float32 or bfloat16; auto: bfloat16 where the CPU has "
                         "bf16 units (AMX, AVX512-BF16), else float32")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--refine-steps", type=int, default=REFINE_STEPS, metavar="K",
+    p.add_argument("--refine-steps", type=_refine_steps, default=REFINE_STEPS, metavar="K|AxBxC",
                    help="refine the network's map on the pair's own images, coarse to fine (Greedy's scheme: local "
                         "NCC, smoothed steps): K iterations at the coarsest --refine-spacings level, half as many at "
-                        "each finer one (default: %(default)s); 0: the network alone")
+                        "each finer one, or AxBxC: each level's own, as Greedy's -n (default: "
+                        f"{format_refine_steps(REFINE_STEPS)}); 0: the network alone")
     p.add_argument("--refine-spacings", type=_spacings, default=REFINE_SPACINGS, metavar="MM,MM",
                    help="the refinement's levels in mm, coarse to fine (default: "
                         f"{','.join(f'{s:g}' for s in REFINE_SPACINGS)}); the last is the finest spacing it reaches")
@@ -178,6 +180,13 @@ def _cmd_docs(args) -> None:
         raise InputError(f"{args.results}/tables: no tables to render (run the workflow first)")
     for path in args.files:
         print(f"{path}: {', '.join(update_markdown(path, blocks)) or 'no generated block'}")
+
+
+def _refine_steps(text: str):
+    try:
+        return parse_refine_steps(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _spacings(text: str) -> tuple[float, ...]:

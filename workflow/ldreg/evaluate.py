@@ -45,9 +45,9 @@ def refined_predictor(method: Method, model_path, optimiser: dict | None = None,
     :func:`ldreg.optimise.refine_on_grid`). ``optimiser``: keyword arguments of
     :func:`ldreg.optimise.optimise_field` (``evaluation.refine``'s, :class:`ldreg.settings.RefineSettings`)."""
     steps = method.steps
-    if method.spacings:
-        raise ValueError(f"{method.name}: refinement levels in mm exist at the scan's own resolution only "
-                         "(native_evaluation), not on the model's grid")
+    if method.spacings or isinstance(steps, tuple):
+        raise ValueError(f"{method.name}: refinement levels (in mm, or each level's iterations) exist at the scan's "
+                         "own resolution only (native_evaluation), not on the model's grid")
     if method.kind == "optimise":
         opts = dict(optimiser or {})
         return lambda m, f: optimise_field(m, f, None, steps, **opts)[0]

@@ -6,8 +6,9 @@ Names: ``identity`` (no registration), ``affine`` (the teacher's affine stage al
 name (``teacher``, ``student_<variant>``, ``peer_voxelmorph``), ``optimise<K>`` (K steps of
 per-pair optimisation from a zero field), ``<model>+refine<K>`` (the model's field refined by K
 steps, as ``register --refine-steps K``), ``<model>+refine<K>_<mm>-<mm>mm`` (the same with
-``--refine-spacings <mm>,<mm>``; at the scan's own resolution only), ``peer_ants_syn`` and
-``peer_greedy_<setting>``.
+``--refine-spacings <mm>,<mm>``; at the scan's own resolution only), ``<model>+refine<A>x<B>_<mm>-<mm>mm``
+(each level's own iterations, ``register --refine-steps AxB``; at the scan's own resolution only),
+``peer_ants_syn`` and ``peer_greedy_<setting>``.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ class Method:
     name: str
     kind: str
     model: str | None = None  # the model file it needs (None: none)
-    steps: int = 0  # per-pair optimisation steps (optimise, refine)
+    steps: int | tuple[int, ...] = 0  # per-pair optimisation steps (optimise, refine; refine: or each level's)
     spacings: tuple[float, ...] | None = None  # refine: its levels in mm (None: the run's, else register's default)
     setting: str | None = None  # a Greedy setting's name
 
@@ -50,9 +51,9 @@ def parse_method(name: str) -> Method:
         return Method(name, "greedy", setting=name[len(GREEDY_PREFIX):])
     if match := re.fullmatch(r"optimise(\d+)", name):
         return Method(name, "optimise", steps=int(match[1]))
-    if match := re.fullmatch(r"(.+)\+refine(\d+)(?:_(\d+(?:\.\d+)?(?:-\d+(?:\.\d+)?)*)mm)?", name):
+    if match := re.fullmatch(r"(.+)\+refine(\d+(?:x\d+)*)(?:_(\d+(?:\.\d+)?(?:-\d+(?:\.\d+)?)*)mm)?", name):
         spacings = tuple(float(s) for s in match[3].split("-")) if match[3] else None
-        return Method(name, "refine", model=match[1], steps=int(match[2]), spacings=spacings)
+        return Method(name, "refine", model=match[1], steps=parse_refine_steps(match[2]), spacings=spacings)
     if not re.fullmatch(r"[A-Za-z0-9_]+", name):
         raise ValueError(f"not a method name: {name!r}")
     return Method(name, "model", model=name)
@@ -62,7 +63,29 @@ def greedy_method(setting: str) -> str:
     return f"{GREEDY_PREFIX}{setting}"
 
 
-def refined_method(model: str, steps: int, spacings=None) -> str:
-    """``spacings`` (mm, coarse to fine): the refinement's own levels, named in the method."""
+def refined_method(model: str, steps, spacings=None) -> str:
+    """``steps``: K or each level's iterations (:func:`parse_refine_steps`); ``spacings`` (mm,
+    coarse to fine): the refinement's own levels, named in the method."""
     levels = f"_{'-'.join(f'{float(s):g}' for s in spacings)}mm" if spacings else ""
-    return f"{model}+refine{steps}{levels}"
+    return f"{model}+refine{format_refine_steps(parse_refine_steps(steps))}{levels}"
+
+
+def parse_refine_steps(steps) -> int | tuple[int, ...]:
+    """The refinement's iterations as ``register --refine-steps`` reads them: ``K`` (an int or
+    its digits: K at the coarsest level, half as many at each finer one) or ``AxBxC`` (each
+    level's own, coarse to fine, Greedy's ``-n`` syntax; a tuple). ValueError otherwise."""
+    if isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0:
+        return steps
+    if isinstance(steps, (tuple, list)) and len(steps) > 1 and all(
+            isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in steps):
+        return tuple(steps)
+    if isinstance(steps, str) and re.fullmatch(r"\d+(x\d+)*", steps):
+        values = tuple(int(k) for k in steps.split("x"))
+        return values[0] if len(values) == 1 else values
+    raise ValueError(f"refinement steps must read like 10 (iterations at the coarsest level, half as many at "
+                     f"each finer one) or 10x10x2 (each level's, coarse to fine), got {steps!r}")
+
+
+def format_refine_steps(steps) -> str:
+    """``10`` or ``10x10x2``: how method names and ``--refine-steps`` write the iterations."""
+    return "x".join(map(str, steps)) if isinstance(steps, tuple) else str(steps)

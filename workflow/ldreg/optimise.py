@@ -253,14 +253,20 @@ def ncc_descent(moving: torch.Tensor, fixed: torch.Tensor, base: torch.Tensor, r
     return (total - start if compose else residual), record
 
 
-def refine_schedule(steps: int, spacings=REFINE_SPACINGS) -> tuple[tuple[float, int], ...]:
-    """((spacing_mm, iterations), ...): ``steps`` at the first (coarsest) spacing, half as many
-    (at least one) at each finer one; zero steps: no refinement."""
-    if steps < 0:
-        raise ValueError(f"refinement steps must be >= 0, got {steps}")
+def refine_schedule(steps, spacings=REFINE_SPACINGS) -> tuple[tuple[float, int], ...]:
+    """((spacing_mm, iterations), ...): ``steps`` an int K: K at the first (coarsest) spacing,
+    half as many (at least one) at each finer one; a tuple: each spacing's own iterations
+    (a level of zero is left out, as in Greedy's ``-n 10x5x0``); zero steps: no refinement."""
     spacings = [float(s) for s in spacings]
     if any(s <= 0 for s in spacings) or spacings != sorted(spacings, reverse=True):
         raise ValueError(f"refinement spacings must be positive and coarse to fine, got {spacings}")
+    if isinstance(steps, tuple):
+        if len(steps) != len(spacings) or any(k < 0 for k in steps):
+            raise ValueError(f"refinement steps {'x'.join(map(str, steps))}: one count >= 0 per level needed "
+                             f"({len(spacings)} levels: {', '.join(f'{s:g}' for s in spacings)} mm)")
+        return tuple((s, k) for s, k in zip(spacings, steps) if k)
+    if steps < 0:
+        raise ValueError(f"refinement steps must be >= 0, got {steps}")
     if not steps:
         return ()
     return tuple((s, max(1, round(steps / 2**i))) for i, s in enumerate(spacings))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .data import SyntheticConfig
 from .defaults import REFINE_SPACINGS
+from .methods import parse_refine_steps
 from .peers import GreedySetting
 from .preprocessing import Preprocessing
 from .real_anatomy import RealAnatomyConfig
@@ -130,9 +131,13 @@ class BatchSettings:
     fixed: str | None
     pattern: str
     model: str | None
-    refine_steps: int | None
+    refine_steps: int | tuple | None  # as register --refine-steps (None: its default)
     qc: bool
     suffix: str
+
+    def __post_init__(self):  # the config writes "10x10x2" for each level's iterations
+        if self.refine_steps is not None:
+            object.__setattr__(self, "refine_steps", parse_refine_steps(self.refine_steps))
 
 
 @dataclass(frozen=True)
@@ -230,8 +235,17 @@ def _refine(config: dict) -> RefineSettings:
     key = lambda name: _section(config, f"evaluation.refine.{name}")  # noqa: E731
     return RefineSettings(optimise_steps=tuple(key("optimise_steps")), models=tuple(key("models")),
                           steps=tuple(key("steps")), spacings=tuple(key("spacings") or REFINE_SPACINGS),
-                          with_spacings=tuple((s["steps"], tuple(s["spacings"])) for s in key("with_spacings")),
+                          with_spacings=tuple(_with_spacings(s) for s in key("with_spacings")),
                           optimiser={k: refine[k] for k in OPTIMISER_OPTIONS if k in refine})
+
+
+def _with_spacings(setting: dict) -> tuple:
+    """One ``evaluation.refine.with_spacings`` entry as (steps, spacings), its steps' count per level checked."""
+    steps, spacings = parse_refine_steps(setting["steps"]), tuple(setting["spacings"])
+    if isinstance(steps, tuple) and len(steps) != len(spacings):
+        raise ConfigKeyError(f"config: evaluation.refine.with_spacings: steps {setting['steps']} gives "
+                             f"{len(steps)} levels' iterations for {len(spacings)} spacings {list(spacings)}")
+    return steps, spacings
 
 
 def _greedy(config: dict) -> dict:
