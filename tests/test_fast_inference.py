@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from nibabel.processing import resample_from_to
 
 from conftest import blob_volume
+from ldreg.defaults import REFINE_SPACINGS, REFINE_STEPS
 from ldreg.preprocessing import Preprocessing, percentiles, resample_to_grid
 from ldreg.io import field_to_itk_array, save_volume
 from ldreg.modelfile import save_model
@@ -237,6 +238,10 @@ def test_register_refinement_on_the_scan_recovers_a_known_shift_coarse_to_fine(t
     assert refine_schedule((10, 10, 0), (4.0, 3.0, 2.0)) == ((4.0, 10), (3.0, 10))
     with pytest.raises(ValueError, match="one count >= 0 per level"):
         refine_schedule((10, 2), (4.0, 3.0, 2.0))
+    # no steps given: register's default, which is for the default levels only
+    assert refine_schedule(None) == tuple(zip(REFINE_SPACINGS, REFINE_STEPS))
+    with pytest.raises(ValueError, match="give the steps too"):
+        refine_schedule(None, (4.0, 2.0))
 
 
 def test_the_warp_lattice_lies_on_the_source_grid_and_covers_the_fixed_grid():

@@ -8,6 +8,7 @@ from snakemake.exceptions import WorkflowError
 
 from ldreg import peers
 from ldreg.defaults import REFINE_SPACINGS
+from ldreg.methods import parse_refine_steps
 from ldreg.settings import CONFIG_FILE, ConfigKeyError, RunSettings, load_config
 
 CONFIG = yaml.safe_load(CONFIG_FILE.read_text())
@@ -26,7 +27,7 @@ def test_the_default_config_becomes_typed_settings():
     assert CONFIG["evaluation"]["refine"].get("spacings") is None and settings.evaluation.refine.spacings == REFINE_SPACINGS
     assert "margin_vox" not in CONFIG["real_anatomy"] and settings.real_anatomy.margin_vox == 4
     assert settings.evaluation.refine.with_spacings == tuple(
-        (s["steps"], tuple(s["spacings"])) for s in CONFIG["evaluation"]["refine"]["with_spacings"])
+        (parse_refine_steps(s["steps"]), tuple(s["spacings"])) for s in CONFIG["evaluation"]["refine"]["with_spacings"])
 
 
 def test_the_run_seed_reaches_every_generator():

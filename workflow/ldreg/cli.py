@@ -132,7 +132,7 @@ def _model_args(p) -> None:
                    help="convolutions (channels-last) in float32 or bfloat16; auto: bfloat16 where the CPU has "
                         "bf16 units (AMX, AVX512-BF16), else float32")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--refine-steps", type=_refine_steps, default=REFINE_STEPS, metavar="K|AxBxC",
+    p.add_argument("--refine-steps", type=_refine_steps, default=None, metavar="K|AxBxC",
                    help="refine the network's map on the pair's own images, coarse to fine (Greedy's scheme: local "
                         "NCC, smoothed steps): K iterations at the coarsest --refine-spacings level, half as many at "
                         "each finer one, or AxBxC: each level's own, as Greedy's -n (default: "

@@ -2,11 +2,11 @@
 print its help before anything heavy (torch) is imported."""
 from __future__ import annotations
 
-# the refinement's levels (mm), coarse to fine, and its iterations at the coarsest (halved at
-# each finer level, as Greedy's schedules go): chosen by measurement, docs/experiments.md
+# the refinement's levels (mm), coarse to fine, and each level's iterations: chosen by
+# measurement on tuning pairs, docs/experiments.md (2026-12-06): the most accurate setting in no
+# more time than the earlier default (10 at 4 mm halved at each finer level: 10, 5, 2); a 3 mm
+# iteration costs a fifth of a 2 mm one and the network's start has done the coarse work
 REFINE_SPACINGS = (4.0, 3.0, 2.0)
-# the setting the README recommends: the fewest steps whose Dice on the tuning pairs beats
-# Greedy 10x5x0's by at least 0.005 (its run-to-run spread is ~0.003): docs/experiments.md
-REFINE_STEPS = 10
+REFINE_STEPS = (10, 10, 2)
 # the convolutions' number formats (ldreg.networks.PRECISIONS holds their torch types)
 PRECISION_NAMES = ("bfloat16", "float32")

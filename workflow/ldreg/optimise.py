@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .checks import check_field_batch, check_volume_batch
-from .defaults import REFINE_SPACINGS
+from .defaults import REFINE_SPACINGS, REFINE_STEPS
 from .warp import identity_grid, sample_at, warp_image
 
 log = logging.getLogger(__name__)
@@ -253,13 +253,20 @@ def ncc_descent(moving: torch.Tensor, fixed: torch.Tensor, base: torch.Tensor, r
     return (total - start if compose else residual), record
 
 
-def refine_schedule(steps, spacings=REFINE_SPACINGS) -> tuple[tuple[float, int], ...]:
+def refine_schedule(steps=None, spacings=REFINE_SPACINGS) -> tuple[tuple[float, int], ...]:
     """((spacing_mm, iterations), ...): ``steps`` an int K: K at the first (coarsest) spacing,
     half as many (at least one) at each finer one; a tuple: each spacing's own iterations
-    (a level of zero is left out, as in Greedy's ``-n 10x5x0``); zero steps: no refinement."""
+    (a level of zero is left out, as in Greedy's ``-n 10x5x0``); zero steps: no refinement;
+    None: register's default (:data:`ldreg.defaults.REFINE_STEPS`, for the default levels)."""
     spacings = [float(s) for s in spacings]
     if any(s <= 0 for s in spacings) or spacings != sorted(spacings, reverse=True):
         raise ValueError(f"refinement spacings must be positive and coarse to fine, got {spacings}")
+    if steps is None:
+        if len(spacings) != len(REFINE_SPACINGS):
+            raise ValueError(f"the default refinement steps ({'x'.join(map(str, REFINE_STEPS))}) are for "
+                             f"{len(REFINE_SPACINGS)} levels; with the levels {', '.join(f'{s:g}' for s in spacings)} mm "
+                             "give the steps too (K, or one count per level)")
+        steps = REFINE_STEPS
     if isinstance(steps, tuple):
         if len(steps) != len(spacings) or any(k < 0 for k in steps):
             raise ValueError(f"refinement steps {'x'.join(map(str, steps))}: one count >= 0 per level needed "

@@ -295,15 +295,16 @@ def register_batch(config, model_path, pairs_csv, out_dir) -> None:
     """The ``batch`` config's pairs through ``register-batch`` (:mod:`ldreg.batch`)."""
     from .batch import BatchOptions, batch_pairs
     from .batch import register_batch as run_batch
-    from .defaults import REFINE_STEPS
     from .optimise import refine_schedule
     from .register import Registrar
 
     settings = RunSettings.from_config(config)
     b = settings.batch
     pairs = batch_pairs(None if b.moving_dir else pairs_csv, b.moving_dir, b.fixed, b.pattern)
-    steps = REFINE_STEPS if b.refine_steps is None else b.refine_steps
-    levels = refine_schedule(steps, settings.evaluation.refine.spacings)
+    try:  # batch.refine_steps null: register's default
+        levels = refine_schedule(b.refine_steps, settings.evaluation.refine.spacings)
+    except ValueError as exc:
+        raise InputError(f"config batch.refine_steps / evaluation.refine.spacings: {exc}") from None
     registrar = Registrar(model_path, channels_last=True, refine_levels=levels)
     summary = run_batch(registrar, pairs, out_dir, BatchOptions(suffix=b.suffix, qc=b.qc))
     failed = summary[summary.status == "error"]
