@@ -3,7 +3,7 @@ alone and + register's refinement, timed and scored as the native tables do (eac
 all the threads, `.nii` outputs), with a paired test of every row against one reference row.
 
     python experiments/real_check.py OUT_DIR NAME=MODEL.pt [NAME=MODEL.pt ...] \
-        [--seeds 0 1 2] [--pairs 3] [--refine-steps 10] [--threads 2] [--against NAME]
+        [--seeds 0 1 2] [--pairs 3] [--refine-steps 10x10x2] [--threads 2] [--against NAME]
 
 The moved copies of Colin27 are made once per seed under OUT_DIR/pairs_seed<S>/ (seed 0's are
 the tables' own pairs; seeds 7-9 were the refinement's tuning pairs: leave them out here).
@@ -19,7 +19,8 @@ import pandas as pd
 import torch
 
 from ldreg.allocator import keep_freed_memory
-from ldreg.methods import parse_method, refined_method
+from ldreg.defaults import REFINE_STEPS
+from ldreg.methods import parse_method, parse_refine_steps, refined_method
 from ldreg.native import evaluate_native, native_runner
 from ldreg.real_anatomy import RealAnatomyConfig, make_real_anatomy_pairs
 from ldreg.report import paired_test
@@ -43,7 +44,8 @@ def main() -> None:
     parser.add_argument("models", nargs="+", help="NAME=MODEL.pt")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--pairs", type=int, default=3, help="moved copies a seed")
-    parser.add_argument("--refine-steps", type=int, default=10, help="register's refinement (0: the network alone only)")
+    parser.add_argument("--refine-steps", type=parse_refine_steps, default=REFINE_STEPS,
+                        help="register's refinement, K or AxBxC (default: register's; 0: the network alone only)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--against", help="the reference model's NAME (default: the first)")
     args = parser.parse_args()
