@@ -152,9 +152,10 @@ def test_native_resolution_and_real_anatomy_tables_score_every_method(tiny_run):
     """Every method at the scan's own resolution through register's path, on the cohort's test
     pairs and on the real anatomy (Colin27 + AAL, resampled to 4 mm in the tiny config)."""
     # Greedy: the tiny config's fast setting and config.yaml's accurate one (configs merge key by key);
-    # config.yaml's setting with levels of its own, named by them, refines the tiny config's model
+    # config.yaml's settings with levels of their own (register's default, iterations per level,
+    # and a 3 mm finest level), named by them, refine the tiny config's model
     expected = {"identity", "affine", "student_aldk", "peer_ants_syn", "peer_greedy_fast", "peer_greedy_accurate",
-                "student_aldk+refine5", "student_aldk+refine12_4-3mm"}
+                "student_aldk+refine5", "student_aldk+refine10x10x2_4-3-2mm", "student_aldk+refine12_4-3mm"}
     for stem in ("accuracy_native", "accuracy_real"):
         table = pd.read_csv(tiny_run / "tables" / f"{stem}.csv").set_index("method")
         assert (tiny_run / "tables" / f"{stem}.md").exists()
@@ -172,6 +173,7 @@ def test_native_resolution_and_real_anatomy_tables_score_every_method(tiny_run):
         assert levels and (scored.loc["student_aldk+refine5", levels] > 0).all()
         own = scored.loc["student_aldk+refine12_4-3mm"]
         assert own.refine_4mm_s > 0 and own.refine_3mm_s > 0 and np.isnan(own.refine_2mm_s)
+        assert (scored.loc["student_aldk+refine10x10x2_4-3-2mm", ["refine_4mm_s", "refine_3mm_s", "refine_2mm_s"]] > 0).all()
         assert scored.loc["peer_greedy_fast", "dice_gain"] > 0.02, stem
     real = pd.read_csv(tiny_run / "tables" / "accuracy_real.csv").set_index("method")
     # Colin27 at 4 mm, cropped to the brain; 2 moved copies; AAL's labels
