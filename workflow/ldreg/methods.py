@@ -86,6 +86,15 @@ def parse_refine_steps(steps) -> int | tuple[int, ...]:
                      f"each finer one) or 10x10x2 (each level's, coarse to fine), got {steps!r}")
 
 
+def check_steps_per_level(steps, spacings) -> None:
+    """ValueError unless ``steps`` (:func:`parse_refine_steps`'s), where it gives each level's
+    iterations, has one count >= 0 for each of ``spacings`` (mm)."""
+    if isinstance(steps, tuple) and (len(steps) != len(spacings) or any(k < 0 for k in steps)):
+        raise ValueError(f"refinement steps {format_refine_steps(steps)} gives {len(steps)} levels' iterations for "
+                         f"{len(spacings)} spacings ({', '.join(f'{float(s):g}' for s in spacings)} mm): "
+                         "one count >= 0 per level needed")
+
+
 def format_refine_steps(steps) -> str:
     """``10`` or ``10x10x2``: how method names and ``--refine-steps`` write the iterations."""
     return "x".join(map(str, steps)) if isinstance(steps, tuple) else str(steps)

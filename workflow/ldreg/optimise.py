@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from .checks import check_field_batch, check_volume_batch
 from .defaults import REFINE_SPACINGS, REFINE_STEPS
+from .methods import check_steps_per_level, format_refine_steps
 from .warp import identity_grid, sample_at, warp_image
 
 log = logging.getLogger(__name__)
@@ -263,14 +264,12 @@ def refine_schedule(steps=None, spacings=REFINE_SPACINGS) -> tuple[tuple[float, 
         raise ValueError(f"refinement spacings must be positive and coarse to fine, got {spacings}")
     if steps is None:
         if len(spacings) != len(REFINE_SPACINGS):
-            raise ValueError(f"the default refinement steps ({'x'.join(map(str, REFINE_STEPS))}) are for "
+            raise ValueError(f"the default refinement steps ({format_refine_steps(REFINE_STEPS)}) are for "
                              f"{len(REFINE_SPACINGS)} levels; with the levels {', '.join(f'{s:g}' for s in spacings)} mm "
                              "give the steps too (K, or one count per level)")
         steps = REFINE_STEPS
     if isinstance(steps, tuple):
-        if len(steps) != len(spacings) or any(k < 0 for k in steps):
-            raise ValueError(f"refinement steps {'x'.join(map(str, steps))}: one count >= 0 per level needed "
-                             f"({len(spacings)} levels: {', '.join(f'{s:g}' for s in spacings)} mm)")
+        check_steps_per_level(steps, spacings)
         return tuple((s, k) for s, k in zip(spacings, steps) if k)
     if steps < 0:
         raise ValueError(f"refinement steps must be >= 0, got {steps}")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .data import SyntheticConfig
 from .defaults import REFINE_SPACINGS
-from .methods import parse_refine_steps
+from .methods import check_steps_per_level, parse_refine_steps
 from .peers import GreedySetting
 from .preprocessing import Preprocessing
 from .real_anatomy import RealAnatomyConfig
@@ -242,9 +242,10 @@ def _refine(config: dict) -> RefineSettings:
 def _with_spacings(setting: dict) -> tuple:
     """One ``evaluation.refine.with_spacings`` entry as (steps, spacings), its steps' count per level checked."""
     steps, spacings = parse_refine_steps(setting["steps"]), tuple(setting["spacings"])
-    if isinstance(steps, tuple) and len(steps) != len(spacings):
-        raise ConfigKeyError(f"config: evaluation.refine.with_spacings: steps {setting['steps']} gives "
-                             f"{len(steps)} levels' iterations for {len(spacings)} spacings {list(spacings)}")
+    try:
+        check_steps_per_level(steps, spacings)
+    except ValueError as exc:
+        raise ConfigKeyError(f"config: evaluation.refine.with_spacings: {exc}") from None
     return steps, spacings
 
 
