@@ -40,9 +40,12 @@ def main() -> None:
     torch.set_num_threads(2)
     options = {"compiled_warp": args.mode == "compiled"} if "compiled_warp" in inspect.signature(Registrar).parameters else {}
     t = time.perf_counter()
-    from ldreg.methods import parse_refine_steps
-    from ldreg.optimise import refine_schedule
-    registrar = Registrar(args.model, channels_last=True, refine_levels=refine_schedule(parse_refine_steps(args.refine_steps)), **options)
+    levels = ()
+    if args.refine_steps != "0":  # (older trees: the network alone only)
+        from ldreg.methods import parse_refine_steps
+        from ldreg.optimise import refine_schedule
+        levels = refine_schedule(parse_refine_steps(args.refine_steps))
+    registrar = Registrar(args.model, channels_last=True, refine_levels=levels, **options)
     load = time.perf_counter() - t
     if not args.batch:
         seconds = [registrar.register(PAIRS / "moved1_image.nii.gz", PAIRS / "fixed_image.nii.gz",

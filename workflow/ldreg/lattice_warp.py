@@ -7,8 +7,9 @@ nearest) makes four full-size passes over memory; this kernel makes one: per out
 lattice is interpolated along D, per row along H, per voxel along W, and the image and the labels
 are read at that point, with what ``grid_sample`` (align_corners, border padding) gives: the point
 clamped into the volume, trilinear weights for the image, the nearest voxel (half to even) for
-the labels. Compiled by numba (cached on disk), its slabs of planes run on threads (the kernel
-releases the GIL).
+the labels. A second kernel interpolates the displacement field the same way, column by column
+in NIfTI's memory order (one pass where torch's upsampling made one per axis). Compiled by numba
+(cached on disk), slabs of both run on threads (the kernels release the GIL).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import numpy as np
 
 
 @functools.lru_cache(maxsize=1)
-def _kernel():
+def _kernels():
     import numba  # ~0.2 s, and ~0.25 s more at the first call: imported where the first warp needs it
 
     @numba.njit(nogil=True, cache=True, fastmath=True, boundscheck=False)
@@ -68,7 +69,30 @@ def _kernel():
                     for x in range(n):
                         label_row[x] = flat_labels[int(np.rint(pz[x])) * hw + int(np.rint(py[x])) * w + int(np.rint(px[x]))]
 
-    return warp_planes
+    @numba.njit(nogil=True, cache=True, fastmath=True, boundscheck=False)
+    def field_columns(lattice, iz, fz, iy, fy, ix, fx, out, x_start, x_stop):
+        # out (3, W, H, D): NIfTI's memory order, written along D; interpolated along W, H, then D
+        lat_d, lat_h = lattice.shape[0], lattice.shape[1]
+        plane = np.empty((lat_d, lat_h, 3), dtype=np.float32)
+        column = np.empty((3, lat_d), dtype=np.float32)
+        for x in range(x_start, x_stop):
+            e, r = ix[x], fx[x]
+            for p in range(lat_d):
+                for q in range(lat_h):
+                    for c in range(3):
+                        plane[p, q, c] = lattice[p, q, e, c] + r * (lattice[p, q, e + 1, c] - lattice[p, q, e, c])
+            for y in range(out.shape[2]):
+                b, s = iy[y], fy[y]
+                for p in range(lat_d):
+                    for c in range(3):
+                        column[c, p] = plane[p, b, c] + s * (plane[p, b + 1, c] - plane[p, b, c])
+                for c in range(3):
+                    line = out[c, x, y]
+                    for z in range(out.shape[3]):
+                        a, t = iz[z], fz[z]
+                        line[z] = column[c, a] + t * (column[c, a + 1] - column[c, a])
+
+    return warp_planes, field_columns
 
 
 def _axis(size: int, step: int, crop: int, lattice_size: int):
@@ -88,12 +112,14 @@ def _at_least_two(volume: np.ndarray) -> np.ndarray:
 
 
 def warp_through_lattice(lattice: np.ndarray, steps, crops, shape, image: np.ndarray,
-                         labels: np.ndarray | None = None, threads: int = 1):
+                         labels: np.ndarray | None = None, threads: int = 1, field: np.ndarray | None = None):
     """``image`` (D, H, W) and ``labels`` (the same grid, integers) sampled at the points of an
     output grid of ``shape``, whose voxel coordinates in the image are given on ``lattice``
     ((d, h, w, 3), channels along D, H, W): output voxel ``v`` lies at lattice coordinate
-    ``(v + crops) / steps``. ``threads`` slabs of planes run side by side. Returns the warped
-    image (float32) and labels (int32; None without labels)."""
+    ``(v + crops) / steps``; ``field`` ((d, h, w, 3) on the same lattice) is interpolated to every
+    output voxel too. ``threads`` slabs of each run side by side. Returns the warped image
+    (float32), labels (int32; None without labels) and the field ((3, D, H, W), a view of
+    (3, W, H, D) memory: NIfTI's order; None without one)."""
     lattice = _at_least_two(np.ascontiguousarray(lattice, dtype=np.float32))
     axes = [_axis(n, int(s), int(c), lattice.shape[k]) for k, (n, s, c) in enumerate(zip(shape, steps, crops))]
     image = _at_least_two(np.ascontiguousarray(image, dtype=np.float32))
@@ -103,20 +129,33 @@ def warp_through_lattice(lattice: np.ndarray, steps, crops, shape, image: np.nda
     else:
         labels_in = _at_least_two(np.ascontiguousarray(labels, dtype=np.int32))
         out_labels = np.empty(tuple(shape), dtype=np.int32)
-    kernel = _kernel()
-    args = (lattice, *axes[0], *axes[1], *axes[2], image, labels_in, out_image, out_labels)
-    cuts = np.linspace(0, shape[0], max(1, min(threads, shape[0])) + 1).astype(int)
-    if len(cuts) == 2:
-        kernel(*args, 0, int(shape[0]))
+    warp_planes, field_columns = _kernels()
+    jobs = [(warp_planes, (lattice, *axes[0], *axes[1], *axes[2], image, labels_in, out_image, out_labels), shape[0])]
+    out_field = None
+    if field is not None:
+        field = _at_least_two(np.ascontiguousarray(field, dtype=np.float32))
+        out_field = np.empty((3, shape[2], shape[1], shape[0]), dtype=np.float32)
+        jobs.append((field_columns, (field, *axes[0], *axes[1], *axes[2], out_field), shape[2]))
+    pieces = [(kernel, args, int(a), int(b)) for kernel, args, n in jobs
+              for a, b in _slabs(n, threads)]
+    if threads <= 1:
+        for kernel, args, a, b in pieces:
+            kernel(*args, a, b)
     else:
-        with ThreadPoolExecutor(len(cuts) - 1) as pool:
-            for done in [pool.submit(kernel, *args, int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:])]:
+        with ThreadPoolExecutor(threads) as pool:
+            for done in [pool.submit(kernel, *args, a, b) for kernel, args, a, b in pieces]:
                 done.result()
-    return out_image, (None if labels is None else out_labels)
+    field_out = None if out_field is None else out_field.transpose(0, 3, 2, 1)
+    return out_image, (None if labels is None else out_labels), field_out
+
+
+def _slabs(n: int, threads: int):
+    cuts = np.linspace(0, n, max(1, min(threads, n)) + 1).astype(int)
+    return list(zip(cuts[:-1], cuts[1:]))
 
 
 def load_kernel() -> None:
     """Import numba and load the compiled kernel (compiled and cached on disk at the first use
-    on a machine): about 0.45 s a process, paid here rather than inside the first timed warp."""
+    on a machine): about 0.5 s a process (both kernels), paid here rather than inside the first timed warp."""
     warp_through_lattice(np.zeros((2, 2, 2, 3), np.float32), (1, 1, 1), (0, 0, 0), (2, 2, 2),
-                         np.zeros((2, 2, 2), np.float32), np.zeros((2, 2, 2), np.int32))
+                         np.zeros((2, 2, 2), np.float32), np.zeros((2, 2, 2), np.int32), field=np.zeros((2, 2, 2, 3), np.float32))
