@@ -1,4 +1,4 @@
-"""The moving image and its label map warped through a map given on a coarse lattice, in one pass.
+"""The moving image, its label map and the displacement field from a map given on a coarse lattice.
 
 ``register``'s map from the fixed grid to the moving image is trilinear between the points of a
 lattice over the fixed grid (a whole number of fixed voxels apart: see ``register._lattice``).
@@ -154,8 +154,8 @@ def _slabs(n: int, threads: int):
     return list(zip(cuts[:-1], cuts[1:]))
 
 
-def load_kernel() -> None:
-    """Import numba and load the compiled kernel (compiled and cached on disk at the first use
-    on a machine): about 0.5 s a process (both kernels), paid here rather than inside the first timed warp."""
+def load_kernels() -> None:
+    """Import numba and load both compiled kernels (compiled and cached on disk at their first use
+    on a machine): about 0.5 s a process, paid here rather than inside the first timed warp."""
     warp_through_lattice(np.zeros((2, 2, 2, 3), np.float32), (1, 1, 1), (0, 0, 0), (2, 2, 2),
                          np.zeros((2, 2, 2), np.float32), np.zeros((2, 2, 2), np.int32), field=np.zeros((2, 2, 2, 3), np.float32))

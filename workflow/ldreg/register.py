@@ -28,7 +28,7 @@ from .io import InputError, field_to_itk_array, field_to_voxel_array, load_volum
 from .modelfile import load_model
 from .networks import prepare_for_inference
 from .optimise import ncc_descent
-from .lattice_warp import load_kernel, warp_through_lattice
+from .lattice_warp import load_kernels, warp_through_lattice
 from .warp import (affine_plus_linear, grid_sample_channels_last, identity_grid, label_sampling_dtype, normalising_map,
                    sample_at, sample_axis_aligned, upsample_linear, warp_image, warp_labels)
 
@@ -193,7 +193,7 @@ class Registrar:
         prepare_for_inference(self.model, precision, channels_last)
         self.compiled_warp = compiled_warp
         if compiled_warp:  # here, not in the first pair's timed warp (loading it beside the first
-            load_kernel()  # pair's reading and network slowed those by as much: it holds the GIL)
+            load_kernels()  # pair's reading and network slowed those by as much: it holds the GIL)
 
     def prepare(self, path) -> Prepared:
         raw, img = load_volume(path, "image")
