@@ -64,7 +64,10 @@ def test_a_batch_resumes_skipping_complete_pairs_and_redoing_half_written_ones(t
     register_batch(registrar, pairs, out, show_progress=False)
     (out / "moving2" / "field.nii.gz").unlink()  # as if killed while writing moving2's files
     first = (out / "moving1" / "warped.nii.gz").stat().st_mtime_ns
-    summary = register_batch(registrar, pairs, out, show_progress=False)
+    assert registrar.compiled_warp  # two pairs to register: the compiled kernels
+    one_left = Registrar(model_path)
+    summary = register_batch(one_left, pairs, out, show_progress=False)
+    assert not one_left.compiled_warp  # one pair left: torch's passes, no kernels to load
     assert list(summary.status) == ["done before", "ok"]
     assert (out / "moving1" / "warped.nii.gz").stat().st_mtime_ns == first  # not rewritten
     assert (out / "moving2" / "field.nii.gz").exists()

@@ -18,9 +18,8 @@ from .methods import format_refine_steps, parse_refine_steps
 _STARTED = time.perf_counter()  # the process's imports up to here are a few milliseconds
 
 
-def _registrar(args, many_pairs: bool = False):
-    """The model loaded as ``register`` and ``register-batch`` run it; (registrar, precision).
-    ``many_pairs``: the compiled warp (its load paid once, its speed every pair)."""
+def _registrar(args):
+    """The model loaded as ``register`` and ``register-batch`` run it; (registrar, precision)."""
     import torch
 
     from .allocator import keep_freed_memory
@@ -39,8 +38,7 @@ def _registrar(args, many_pairs: bool = False):
               "--precision auto picks float32 here", file=sys.stderr)
     # channels-last helps float32 too (oneDNN's fast 3D kernels): 1.69 -> 1.32 s at 128^3, 2 threads
     levels = refine_schedule(args.refine_steps, args.refine_spacings)
-    return Registrar(args.model, args.device, precision, channels_last=True, refine_levels=levels,
-                     compiled_warp=many_pairs), precision
+    return Registrar(args.model, args.device, precision, channels_last=True, refine_levels=levels), precision
 
 
 def _cmd_register(args) -> None:
@@ -66,7 +64,7 @@ def _cmd_register_batch(args) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     pairs = batch_pairs(args.pairs, args.moving_dir, args.fixed, args.pattern)
-    registrar, _ = _registrar(args, many_pairs=len(pairs) > 1)
+    registrar, _ = _registrar(args)
     options = BatchOptions(suffix=args.suffix, qc=args.qc, write_field=not args.no_field)
     summary = register_batch(registrar, pairs, args.out_dir, options)
     print(summary.drop(columns=["moving", "fixed"], errors="ignore").to_string(index=False, float_format="%.3f"))

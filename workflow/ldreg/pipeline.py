@@ -305,7 +305,7 @@ def register_batch(config, model_path, pairs_csv, out_dir) -> None:
         levels = refine_schedule(b.refine_steps, settings.evaluation.refine.spacings)
     except ValueError as exc:
         raise InputError(f"config batch.refine_steps / evaluation.refine.spacings: {exc}") from None
-    registrar = Registrar(model_path, channels_last=True, refine_levels=levels, compiled_warp=len(pairs) > 1)
+    registrar = Registrar(model_path, channels_last=True, refine_levels=levels)
     summary = run_batch(registrar, pairs, out_dir, BatchOptions(suffix=b.suffix, qc=b.qc))
     failed = summary[summary.status == "error"]
     if len(failed):

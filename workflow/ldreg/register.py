@@ -176,7 +176,8 @@ class Registrar:
     model's preprocessed grid (the networks are fully convolutional: any size divisible by
     2^depth). ``compiled_warp`` warps image and labels through :mod:`ldreg.lattice_warp`'s
     compiled kernels (image, labels and field: 0.05 s a 1 mm pair against torch's 0.12, for
-    ~0.5 s once a process to load them): for processes that register many pairs."""
+    ~0.5 s once a process to load them): for processes that register many pairs
+    (:func:`ldreg.batch.register_batch` switches it on by itself)."""
 
     def __init__(self, model_path, device: str = "cpu", precision: str = "float32", channels_last: bool = False,
                  grid=None, refine_levels=(), refine_options: dict | None = None, upto: int | None = None,
@@ -191,9 +192,16 @@ class Registrar:
         self.prep: Preprocessing = dataclasses.replace(prep, grid=tuple(grid)) if grid else prep
         self.device = device
         prepare_for_inference(self.model, precision, channels_last)
-        self.compiled_warp = compiled_warp
-        if compiled_warp:  # here, not in the first pair's timed warp (loading it beside the first
-            load_kernels()  # pair's reading and network slowed those by as much: it holds the GIL)
+        self.compiled_warp = False
+        if compiled_warp:
+            self.use_compiled_warp()
+
+    def use_compiled_warp(self) -> None:
+        """From now on warp through the compiled kernels, loaded here (before any pair is read: labels
+        are read for the warp that will use them), not in the first pair's timed warp: loading them
+        beside the first pair's reading and network slowed those by as much (it holds the GIL)."""
+        load_kernels()
+        self.compiled_warp = True
 
     def prepare(self, path) -> Prepared:
         raw, img = load_volume(path, "image")
